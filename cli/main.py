@@ -1,0 +1,47 @@
+"""Entry point of the ``wsireg`` command: the click group and the error policy.
+
+Every verb is a thin layer over :mod:`wsireg`. A :class:`wsireg.errors.WsiregError` is printed as
+one line ``wsireg: error: <file>: <problem>`` on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from wsireg import __version__
+from wsireg.errors import WsiregError
+from wsireg.progress import set_quiet
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except WsiregError as exc:
+            click.echo(f"wsireg: error: {exc}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            click.echo("wsireg: error: out of memory", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsireg")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def cli(quiet: bool) -> None:
+    """Register whole-slide histology images out of core and write OME-Zarr."""
+    set_quiet(quiet)
+
+
+def _register_commands() -> None:
+    # Each module adds its verbs to `cli`.
+    from . import slides  # noqa: F401
+
+
+def main() -> None:
+    _register_commands()
+    cli()
