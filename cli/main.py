@@ -37,11 +37,9 @@ def cli(quiet: bool) -> None:
     set_quiet(quiet)
 
 
-def _register_commands() -> None:
-    # Each module adds its verbs to `cli`.
-    from . import slides  # noqa: F401
-
-
 def main() -> None:
-    _register_commands()
     cli()
+
+
+# Each module adds its verbs to `cli` (imported last: they import `cli` from here).
+from . import slides  # noqa: E402,F401

@@ -58,8 +58,13 @@ def dask_progress(desc: str) -> Iterator[None]:
         def _start_state(self, dsk: Any, state: Any) -> None:
             total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
             self._bar = tqdm(
-                total=total, desc=desc, unit="task", file=sys.stderr, leave=False,
-                dynamic_ncols=True, mininterval=0.5,
+                total=total,
+                desc=desc,
+                unit="task",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.5,
             )
 
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real data beside the repository and small synthetic files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (the real slides and ANHIR pairs)."""
+    assert SHARED.is_dir(), f"expected the shared data at {SHARED} (see README)"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def slides_dir(shared_data: Path) -> Path:
+    return shared_data / "slides"
+
+
+@pytest.fixture()
+def run_cli():
+    """Run the ``wsireg`` CLI in-process; returns the click Result."""
+    from click.testing import CliRunner
+
+    from wsireg_cli.main import cli
+
+    def run(*args: str):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return run
