@@ -42,4 +42,4 @@ def main() -> None:
 
 
 # Each module adds its verbs to `cli` (imported last: they import `cli` from here).
-from . import slides  # noqa: E402,F401
+from . import slides, transforms  # noqa: E402,F401

@@ -1,0 +1,91 @@
+"""Micro-benchmark of the displacement network on this machine (CPU unless ``--device``).
+
+Measures inference throughput (patches/s) of one :class:`wsireg.network.UNet` on ``G``-sized
+groups of ``P x P`` patch pairs, and the peak memory of one group's forward pass under
+``torch.inference_mode`` (the rise of the process's peak RSS over the first forward, after the
+model and inputs exist; on CUDA ``torch.cuda.max_memory_allocated``). Prints one JSON line.
+
+    python benchmarks/network_speed.py --patch 256 --group 16
+
+Numbers on shared machines are noisy: the median over ``--repeats`` groups is reported along
+with the best and worst, and the load average at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+from wsireg.network import UNet, UNetConfig, num_parameters, resolve_device
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patch", type=int, default=256, help="patch side P")
+    parser.add_argument("--group", type=int, default=16, help="group size G")
+    parser.add_argument("--repeats", type=int, default=5, help="timed groups")
+    parser.add_argument(
+        "--widths", type=str, default="16,32,64,128,256", help="encoder widths, comma separated"
+    )
+    parser.add_argument("--device", type=str, default="cpu", help="auto, cpu or cuda")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    widths = tuple(int(w) for w in args.widths.split(","))
+    config = UNetConfig(widths=widths, head_width=widths[0])
+    torch.manual_seed(0)
+    net = UNet(config).to(device).eval()
+    moving = torch.rand(args.group, 1, args.patch, args.patch, device=device)
+    fixed = torch.rand_like(moving)
+
+    load = os.getloadavg()[0]
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss0 = _peak_rss_mb()
+        net(moving, fixed)  # warm-up, and the peak-memory measurement
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak_mb = _peak_rss_mb() - rss0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            net(moving, fixed)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+
+    params = num_parameters(net)
+    result = {
+        "benchmark": "network_speed",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "patch": args.patch,
+        "group": args.group,
+        "widths": list(widths),
+        "params": params,
+        "weights_mb_fp32": round(params * 4 / 2**20, 2),
+        "patches_per_s": round(args.group / statistics.median(times), 2),
+        "patches_per_s_best": round(args.group / min(times), 2),
+        "patches_per_s_worst": round(args.group / max(times), 2),
+        "group_peak_mb": round(peak_mb, 1),
+        "loadavg_1min": round(load, 2),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""``wsireg warp``, ``wsireg warp-points`` and ``wsireg warp-geojson``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli
+
+TRANSFORM = click.Path(path_type=Path)
+
+
+@cli.command()
+@click.argument("transform", type=TRANSFORM)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output OME-Zarr (.ome.zarr) or OME-TIFF (.ome.tif).",
+)
+@click.option(
+    "--level",
+    default=0,
+    show_default=True,
+    help="Target level of the output grid (0 = full resolution).",
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["linear", "nearest"]),
+    default="linear",
+    show_default=True,
+    help="nearest for label masks.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ome-zarr", "ome-tiff"]),
+    default=None,
+    help="Output format (default: from OUT's suffix).",
+)
+@click.option("--chunk", default=1024, show_default=True, help="Output chunk side (px).")
+@click.option("--ngff-version", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True)
+@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler.")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Start a local dask.distributed cluster of N worker processes.",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Threads (threaded scheduler) or threads per worker (cluster).",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted warp of the same inputs.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def warp(
+    transform: Path,
+    source: Path,
+    out: Path,
+    level: int,
+    interpolation: str,
+    fmt: str | None,
+    chunk: int,
+    ngff_version: str,
+    scheduler: str | None,
+    workers: int | None,
+    threads: int | None,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Resample SOURCE (any slide in the source's frame) into target space through TRANSFORM.
+
+    TRANSFORM is a transform directory or a `wsireg register` output directory.
+    """
+    from wsireg.warp import warp as run_warp
+
+    from .slides import output_format
+
+    if scheduler and workers:
+        raise click.UsageError("give --scheduler or --workers, not both")
+    run_warp(
+        transform,
+        source,
+        out,
+        level=level,
+        interpolation=interpolation,
+        fmt=output_format(out, fmt),
+        chunk=chunk,
+        ngff_version=ngff_version,
+        scheduler=scheduler,
+        workers=workers,
+        threads=threads,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    click.echo(str(out))
+
+
+def _direction(inverse: bool) -> str:
+    # Default: points of the source slide go to the target, as `wsireg warp` moves pixels.
+    return "forward" if inverse else "inverse"
+
+
+@cli.command("warp-points")
+@click.argument("transform", type=TRANSFORM)
+@click.argument("points", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--inverse",
+    is_flag=True,
+    help="Map target-slide points into the source (default: source -> target).",
+)
+@click.option("--overwrite", is_flag=True)
+def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwrite: bool) -> None:
+    """Map the landmarks of an ANHIR CSV (,X,Y) through TRANSFORM."""
+    from wsireg.annotations import read_landmarks, write_landmarks
+    from wsireg.output import check_output, staged_output
+    from wsireg.transform import Transform
+
+    check_output(out, overwrite)
+    loaded = Transform.load(transform)
+    mapped, residual = loaded.map_points(read_landmarks(points), _direction(inverse))
+    with staged_output(out, overwrite) as stage:
+        write_landmarks(stage, mapped)
+    if len(residual) and residual.max() > 0.05:
+        click.echo(f"warning: inverse residual up to {residual.max():.3g} px", err=True)
+    click.echo(str(out))
+
+
+@cli.command("warp-geojson")
+@click.argument("transform", type=TRANSFORM)
+@click.argument("annotations", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--inverse",
+    is_flag=True,
+    help="Map target-slide annotations into the source (default: source -> target).",
+)
+@click.option(
+    "--max-segment",
+    type=float,
+    default=None,
+    help="Densify edges longer than this (level-0 px; default: half the field "
+    "spacing, none for affine-only transforms).",
+)
+@click.option(
+    "--pixel-origin",
+    type=click.Choice(["corner", "centre"]),
+    default="corner",
+    show_default=True,
+    help="corner: QuPath's convention (pixel centres at +0.5).",
+)
+@click.option("--overwrite", is_flag=True)
+def warp_geojson(
+    transform: Path,
+    annotations: Path,
+    out: Path,
+    inverse: bool,
+    max_segment: float | None,
+    pixel_origin: str,
+    overwrite: bool,
+) -> None:
+    """Map GeoJSON annotations (e.g. a QuPath export) through TRANSFORM."""
+    from wsireg.annotations import map_geojson, read_geojson
+    from wsireg.output import check_output, staged_output
+    from wsireg.transform import Transform
+
+    check_output(out, overwrite)
+    loaded = Transform.load(transform)
+    document = read_geojson(annotations)
+    if max_segment is None:
+        spacing = [s.field_downsample for s in loaded.stages if s.field is not None]
+        max_segment = min(spacing) / 2 if spacing else None
+
+    def mapper(xy):  # type: ignore[no-untyped-def]
+        return loaded.map_points(xy, _direction(inverse))[0]
+
+    mapped = map_geojson(document, mapper, max_segment=max_segment, pixel_origin=pixel_origin)
+    with staged_output(out, overwrite) as stage:
+        stage.write_text(json.dumps(mapped))
+    click.echo(str(out))

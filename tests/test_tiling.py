@@ -1,0 +1,115 @@
+"""Tests of wsireg.tiling: unfold/fold, groups and block geometry of the out-of-core scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsireg import tiling as tl
+
+
+def test_unfold_shapes_and_geometry() -> None:
+    image = torch.rand(1, 3, 100, 130)
+    patches, g = tl.unfold(image, 64, 32)
+    assert g.grid == (4, 5) and g.size == (100, 130) and g.margin == 16
+    assert g.pad == (16, 16 + 160 - 130, 16, 16 + 128 - 100)
+    assert patches.shape == (20, 3, 64, 64) and g.num_patches == 20
+
+
+@pytest.mark.parametrize(
+    ("batch", "h", "w", "p", "s"),
+    [(1, 100, 130, 64, 32), (2, 64, 96, 64, 32), (1, 37, 41, 16, 16), (3, 50, 20, 24, 8)],
+)
+def test_unfold_fold_is_exact_in_the_centres(batch: int, h: int, w: int, p: int, s: int) -> None:
+    u = torch.randn(batch, 2, h, w)
+    patches, g = tl.unfold(u, p, s)
+    assert torch.equal(tl.fold_centres(patches, g), u)
+
+
+def test_patch_centres_and_context_are_where_documented() -> None:
+    image = torch.arange(60 * 70, dtype=torch.float32).reshape(1, 1, 60, 70)
+    p, s, m = 24, 8, 8
+    patches, g = tl.unfold(image, p, s)
+    rows, cols = g.grid
+    i, j = 3, 4
+    patch = patches[i * cols + j, 0]
+    assert torch.equal(
+        patch[m : m + s, m : m + s], image[0, 0, i * s : (i + 1) * s, j * s : (j + 1) * s]
+    )
+    assert torch.equal(patch, image[0, 0, i * s - m : i * s - m + p, j * s - m : j * s - m + p])
+    # top-left patch: replicated edge
+    assert torch.all(patches[0, 0, :m, :m] == image[0, 0, 0, 0])
+
+
+def test_constant_padding_mode() -> None:
+    image = torch.zeros(1, 1, 20, 20)
+    patches, _ = tl.unfold(image, 16, 8, mode="constant", value=1.0)
+    assert torch.all(patches[0, 0, :4, :] == 1.0) and torch.all(patches[0, 0, 4:, 4:12] == 0.0)
+
+
+def test_bad_patch_and_stride_raise() -> None:
+    with pytest.raises(ValueError):
+        tl.unfold(torch.zeros(1, 1, 8, 8), 16, 5)
+    with pytest.raises(ValueError):
+        tl.unfold(torch.zeros(1, 1, 8, 8), 8, 16)
+    g = tl.tile_geometry((8, 8), 8, 4)
+    with pytest.raises(ValueError):
+        tl.fold_centres(torch.zeros(3, 2, 8, 8), g)
+
+
+def test_groups() -> None:
+    assert list(tl.groups(10, 4)) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert list(tl.groups(0, 4)) == []
+    assert tl.num_groups(8, 4) == 2 and tl.num_groups(9, 4) == 3
+    with pytest.raises(ValueError):
+        tl.num_groups(3, 0)
+
+
+def test_axis_window_values() -> None:
+    # P = 32, S = 16, m = 8; axis of 150 px, block [48, 96), extra 10 -> 16
+    w = tl.axis_window(48, 96, 150, 32, 16, extra=10)
+    assert (w.centre_start, w.centre_stop) == (32, 112)
+    assert (w.read_start, w.read_stop, w.pad_before, w.pad_after) == (24, 120, 0, 0)
+    assert w.trim == slice(16, 64)
+    first = tl.axis_window(0, 48, 150, 32, 16)
+    assert (first.read_start, first.pad_before, first.read_stop) == (0, 8, 56)
+    last = tl.axis_window(144, 150, 150, 32, 16, extra=5)
+    assert (last.centre_start, last.centre_stop) == (128, 160)
+    assert (last.read_stop, last.pad_after) == (150, 18)
+    assert tl.halo(32, 16, 10) == 24 and tl.halo(256, 128) == 64
+    assert tl.block_starts(100, 48, 16) == [(0, 48), (48, 96), (96, 100)]
+    with pytest.raises(ValueError):
+        tl.block_starts(100, 40, 16)
+
+
+def _patch_fn(patches: torch.Tensor) -> torch.Tensor:
+    """A stand-in network that uses the whole patch context (7x7 box sum minus the patch sum).
+
+    On small integer images every value is an exact float integer, so results do not depend on
+    the summation order and block-wise and whole-image results can be compared with equality.
+    """
+    c = patches.shape[1]
+    ones = torch.ones(c, 1, 7, 7, dtype=patches.dtype)
+    return F.conv2d(patches, ones, padding=3, groups=c) - patches.sum(dim=(2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("extra", [0, 10])
+def test_blockwise_equals_whole_image(extra: int) -> None:
+    torch.manual_seed(0)
+    h, w, p, s, block = 150, 170, 32, 16, 48
+    image = torch.randint(0, 10, (1, 2, h, w)).float()
+    patches, g = tl.unfold(image, p, s)
+    whole = tl.fold_centres(_patch_fn(patches), g)
+
+    out = torch.full_like(whole, float("nan"))
+    for r0, r1 in tl.block_starts(h, block, s):
+        for c0, c1 in tl.block_starts(w, block, s):
+            rows = tl.axis_window(r0, r1, h, p, s, extra)
+            cols = tl.axis_window(c0, c1, w, p, s, extra)
+            read = image[..., rows.read_start : rows.read_stop, cols.read_start : cols.read_stop]
+            bg = tl.block_geometry(rows, cols, p, s)
+            block_patches = tl.extract_patches(tl.pad_for_tiling(read, bg), p, s)
+            folded = tl.fold_centres(_patch_fn(block_patches), bg)
+            out[..., r0:r1, c0:c1] = folded[..., rows.trim, cols.trim]
+    assert torch.equal(out, whole)

@@ -1,0 +1,158 @@
+"""The transform model: points both ways, chains, persistence and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from wsireg.coords import to_level0
+from wsireg.errors import TransformError
+from wsireg.transform import SlideRef, Stage, Transform
+
+TARGET = SlideRef(path="target.svs", shape=(3000, 4000), mpp=(0.5, 0.5))
+SOURCE = SlideRef(path="source.svs", shape=(3200, 3900), mpp=(0.5, 0.5))
+
+
+def smooth_field(shape: tuple[int, int], downsample: float, amplitude: float = 12.0) -> np.ndarray:
+    """A smooth analytic displacement (level-0 px) sampled on a grid at ``downsample``."""
+    h, w = shape
+    gy, gx = np.meshgrid(
+        to_level0(np.arange(h), downsample), to_level0(np.arange(w), downsample), indexing="ij"
+    )
+    u = amplitude * np.sin(2 * np.pi * gx / 1500.0) * np.cos(2 * np.pi * gy / 1900.0)
+    v = 0.7 * amplitude * np.cos(2 * np.pi * gx / 1700.0 + 0.3) * np.sin(2 * np.pi * gy / 1300.0)
+    return np.stack([u, v]).astype(np.float32)
+
+
+def rotation(deg: float, centre: tuple[float, float], shift=(0.0, 0.0)) -> np.ndarray:
+    t = np.deg2rad(deg)
+    c, s = np.cos(t), np.sin(t)
+    cx, cy = centre
+    R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    to_origin = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1.0]])
+    back = np.array([[1, 0, cx + shift[0]], [0, 1, cy + shift[1]], [0, 0, 1.0]])
+    return back @ R @ to_origin
+
+
+def field_transform(downsample: float = 16.0, affine: np.ndarray | None = None) -> Transform:
+    shape = (int(np.ceil(3000 / downsample)), int(np.ceil(4000 / downsample)))
+    fld = smooth_field(shape, downsample)
+    return Transform.from_field(
+        np.eye(3) if affine is None else affine, fld, downsample, TARGET, SOURCE
+    )
+
+
+def test_identity_and_affine_points() -> None:
+    pts = np.array([[0.0, 0.0], [10.5, 20.25], [3999.0, 2999.0]])
+    mapped, residual = Transform.identity(TARGET).map_points(pts)
+    np.testing.assert_array_equal(mapped, pts)
+    A = rotation(33, (2000, 1500), (40, -25))
+    T = Transform.from_affine(A, TARGET, SOURCE)
+    fwd, _ = T.map_points(pts)
+    np.testing.assert_allclose(fwd, pts @ A[:2, :2].T + A[:2, 2])
+    back, residual = T.map_points(fwd, "inverse")
+    np.testing.assert_allclose(back, pts, atol=1e-9)
+    assert residual.max() < 1e-9
+
+
+def test_field_values_follow_the_analytic_field() -> None:
+    T = field_transform(downsample=8)
+    rng = np.random.default_rng(1)
+    pts = rng.uniform([0, 0], [3999, 2999], (500, 2))
+    analytic = pts.copy()
+    u = 12 * np.sin(2 * np.pi * pts[:, 0] / 1500) * np.cos(2 * np.pi * pts[:, 1] / 1900)
+    v = 8.4 * np.cos(2 * np.pi * pts[:, 0] / 1700 + 0.3) * np.sin(2 * np.pi * pts[:, 1] / 1300)
+    analytic += np.stack([u, v], 1)
+    mapped, _ = T.map_points(pts)
+    # bilinear between nodes 8 px apart of a field with wavelength >= 1300 px
+    assert np.abs(mapped - analytic).max() < 0.02
+
+
+@pytest.mark.parametrize("affine", [None, rotation(-71, (2000, 1500), (30, 12))])
+def test_inverse_round_trip_is_below_005_px(affine: np.ndarray | None) -> None:
+    T = field_transform(downsample=16, affine=affine)
+    rng = np.random.default_rng(2)
+    target_pts = rng.uniform([50, 50], [3950, 2950], (1000, 2))
+    source_pts, _ = T.map_points(target_pts)
+    back, residual = T.map_points(source_pts, "inverse")
+    assert np.linalg.norm(back - target_pts, axis=1).max() < 0.05
+    assert residual.max() < 0.05
+
+
+def test_block_displacement_matches_points() -> None:
+    """The block path (warp engine) and the point path agree."""
+    T = field_transform(downsample=16, affine=rotation(12, (2000, 1500)))
+    coords = T.source_coordinates(1000, 2000, 64, 96, downsample=1.0)
+    yy, xx = np.mgrid[1000:1064, 2000:2096]
+    pts = np.stack([xx.ravel(), yy.ravel()], 1).astype(float)
+    mapped, _ = T.map_points(pts)
+    # remap's 1/32-node weight quantisation on a field varying < 1 px per node
+    assert np.abs(coords.reshape(-1, 2) - mapped).max() < 0.05
+    coarse = T.source_coordinates(10, 20, 16, 16, downsample=4.0)
+    yy, xx = np.mgrid[10:26, 20:36]
+    pts4 = np.stack([to_level0(xx, 4.0).ravel(), to_level0(yy, 4.0).ravel()], 1)
+    assert np.abs(coarse.reshape(-1, 2) - T.map_points(pts4)[0]).max() < 0.05
+
+
+def test_chain_equals_sequential_mapping() -> None:
+    first = field_transform(downsample=16, affine=rotation(5, (2000, 1500), (10, 3)))
+    middle = SOURCE
+    second_field = smooth_field((200, 244), 16, amplitude=6)
+    second = Transform.from_field(rotation(-3, (1950, 1600)), second_field, 16, middle, SOURCE)
+    chain = first.then(second)
+    assert chain.target == TARGET and chain.source == SOURCE
+    pts = np.random.default_rng(3).uniform([100, 100], [3900, 2900], (200, 2))
+    expected = second.map_points(first.map_points(pts)[0])[0]
+    np.testing.assert_allclose(chain.map_points(pts)[0], expected)
+    back, residual = chain.map_points(expected, "inverse")
+    assert np.abs(back - pts).max() < 0.05 and residual.max() < 0.05
+    assert Transform.compose([first, second]).map_points(pts)[0] == pytest.approx(expected)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    T = field_transform(downsample=16, affine=rotation(20, (2000, 1500)))
+    T.parameters = {"note": "test"}
+    out = T.save(tmp_path / "t")
+    assert (out / "transform.json").is_file() and (out / "field.zarr").is_dir()
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    loaded = Transform.load(out)
+    assert loaded.target == TARGET and loaded.source == SOURCE
+    assert loaded.parameters == {"note": "test"}
+    assert isinstance(loaded.stages[0].field, zarr.Array)
+    pts = np.random.default_rng(4).uniform(0, 2900, (100, 2))
+    np.testing.assert_allclose(loaded.map_points(pts)[0], T.map_points(pts)[0], atol=1e-4)
+    with pytest.raises(Exception, match="exists"):
+        T.save(tmp_path / "t")
+    T.save(tmp_path / "t", overwrite=True)
+    # A chain saves one field per stage; affine-only stages have none.
+    chain = T.then(Transform.from_affine(rotation(3, (0, 0)), SOURCE, SOURCE))
+    loaded_chain = Transform.load(chain.save(tmp_path / "chain"))
+    assert len(loaded_chain.stages) == 2 and loaded_chain.stages[1].field is None
+    np.testing.assert_allclose(loaded_chain.map_points(pts)[0], chain.map_points(pts)[0], atol=1e-4)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(TransformError, match="no such"):
+        Transform.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransformError, match="transform.json is missing"):
+        Transform.load(tmp_path / "empty")
+    out = field_transform().save(tmp_path / "t")
+    doc = json.loads((out / "transform.json").read_text())
+    (out / "transform.json").write_text("{not json")
+    with pytest.raises(TransformError, match="corrupted"):
+        Transform.load(out)
+    (out / "transform.json").write_text(json.dumps(doc))
+    import shutil
+
+    shutil.rmtree(out / "field.zarr")
+    with pytest.raises(TransformError, match="field"):
+        Transform.load(out)
+
+
+def test_stage_without_field_displacement_is_none() -> None:
+    assert Stage(np.eye(3)).displacement_block(0, 0, 4, 4, 1.0) is None

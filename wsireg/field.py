@@ -1,0 +1,242 @@
+"""Pure tensor functions on 2-D displacement fields (no ``nn.Module``, no state).
+
+Axes, channel order, units and the backward-mapping convention are those of :mod:`wsireg.coords`:
+images are ``(N, C, H, W)``, fields ``(N, 2, H, W)`` (channel 0 = x, channel 1 = y) in pixels of
+the grid they live on, pixel centres at integers, and a field ``u`` warps by
+``warped(x) = moving(x + u(x))``.
+
+``grid_sample`` convention
+    :func:`to_grid_sample` is the only place where pixel positions are converted to the
+    normalised ``[-1, 1]`` coordinates of :func:`torch.nn.functional.grid_sample`. It uses
+    ``align_corners=True``: normalised ``-1`` and ``+1`` are the centres of the first and last
+    pixels, i.e. ``n = 2 x / (W - 1) - 1``. With pixel centres at integers this is an exact
+    affine change of variables with no half-pixel offset, so a constant integer displacement
+    moves pixels exactly.
+
+Resampling between pyramid levels (:func:`resize_field`) instead follows the pixel-*area*
+geometry of :mod:`wsireg.coords` (``F.interpolate(..., align_corners=False)``): a grid at
+downsample ``d`` has its pixel ``j`` centred at level-0 ``d (j + 0.5) - 0.5``.
+
+Borders
+    Unless stated otherwise, sampling outside the grid replicates the nearest edge value
+    (``padding_mode="border"``): a field is extrapolated as constant beyond its grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Padding = str | float | Sequence[float]
+
+__all__ = [
+    "Inverse",
+    "compose",
+    "identity_grid",
+    "invert",
+    "jacobian_determinant",
+    "rescale_field",
+    "resize_field",
+    "sample",
+    "sample_field",
+    "to_grid_sample",
+    "upsample_field",
+    "warp_image",
+]
+
+
+def identity_grid(
+    size: tuple[int, int], *, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
+    """Pixel coordinates of a ``(H, W)`` grid as a field-shaped tensor ``(1, 2, H, W)``.
+
+    Channel 0 holds ``x`` (the column index), channel 1 ``y`` (the row index), so the
+    positions a field ``u`` samples are ``identity_grid(size) + u``.
+    """
+    h, w = size
+    ys = torch.arange(h, dtype=dtype, device=device)
+    xs = torch.arange(w, dtype=dtype, device=device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy)).unsqueeze(0)
+
+
+def to_grid_sample(positions: Tensor, size: tuple[int, int]) -> Tensor:
+    """Convert pixel positions ``(..., 2)`` (x, y) to ``grid_sample`` coordinates.
+
+    ``n_x = 2 x / (W - 1) - 1`` and ``n_y = 2 y / (H - 1) - 1`` (``align_corners=True``) for a
+    sampled grid of size ``size = (H, W)``. A dimension of size 1 uses a denominator of 1 (any
+    finite value samples its only pixel).
+    """
+    h, w = size
+    scale = positions.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
+    return positions * scale - 1.0
+
+
+def sample(
+    image: Tensor, positions: Tensor, *, mode: str = "bilinear", padding: Padding = "border"
+) -> Tensor:
+    """Sample ``image`` at pixel ``positions``: the one wrapper around ``grid_sample``.
+
+    Args:
+        image: ``(N | 1, C, H, W)``; integer images are converted to float32.
+        positions: ``(N | 1, 2, H', W')`` field-shaped (x, y) pixel positions in ``image``'s
+            grid. A batch of 1 on either side is broadcast to the other's ``N``.
+        mode: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+        padding: ``"border"`` (replicate the edge), ``"zeros"``, ``"reflection"``, or a constant
+            (a float, or one float per channel) used outside the image, e.g. white.
+
+    Returns:
+        ``(N, C, H', W')``, ``out[n, c, i, j] = image[n, c](positions[n, :, i, j])``.
+    """
+    if not image.is_floating_point():
+        image = image.float()
+    positions = positions.to(image.dtype)
+    n = max(image.shape[0], positions.shape[0])  # a batch of 1 broadcasts
+    image = image.expand(n, -1, -1, -1) if image.shape[0] != n else image
+    positions = positions.expand(n, -1, -1, -1) if positions.shape[0] != n else positions
+    grid = to_grid_sample(positions.permute(0, 2, 3, 1), image.shape[-2:])
+    if isinstance(padding, str):
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    # Constant padding: sample (image - c) with zeros outside, then add c back. Interpolation
+    # weights sum to one, so this equals sampling an image padded with c.
+    value = torch.as_tensor(padding, dtype=image.dtype, device=image.device).reshape(1, -1, 1, 1)
+    out = F.grid_sample(image - value, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out + value
+
+
+def warp_image(
+    image: Tensor, u: Tensor, *, mode: str = "bilinear", padding: Padding = "border"
+) -> Tensor:
+    """Backward-warp ``image`` by ``u``: ``warped(x) = image(x + u(x))``.
+
+    Args:
+        image: moving image ``(N | 1, C, Hm, Wm)``; ``x + u(x)`` is read in its pixels (it may be
+            larger than the field's grid, e.g. a moving block read with a halo, as long as both
+            share the same origin and pixel size).
+        u: field ``(N | 1, 2, H, W)`` on the output (fixed) grid.
+        mode, padding: see :func:`sample`.
+
+    Returns:
+        ``(N, C, H, W)``.
+    """
+    grid = identity_grid(u.shape[-2:], dtype=u.dtype, device=u.device)
+    return sample(image, grid + u, mode=mode, padding=padding)
+
+
+def compose(u: Tensor, v: Tensor) -> Tensor:
+    """Field ``w`` of ``T_w = T_u o T_v`` (apply ``v`` first, then ``u``).
+
+    ``w(x) = v(x) + u(x + v(x))``, with ``u`` bilinearly interpolated and replicated beyond
+    its border (constant extrapolation). With backward mapping this is how a field ``v``,
+    estimated between the fixed image and the moving image already warped by ``u``, is folded
+    into ``u``: ``warp(warp(M, u), v) ~= warp(M, compose(u, v))`` (one interpolation of ``M``).
+
+    Both fields live on the same grid: ``(N | 1, 2, H, W)``.
+    """
+    grid = identity_grid(v.shape[-2:], dtype=v.dtype, device=v.device)
+    if u.shape[0] != v.shape[0] and u.shape[0] == 1:
+        u = u.expand(v.shape[0], -1, -1, -1)
+    return v + sample(u, grid + v, mode="bilinear", padding="border")
+
+
+def rescale_field(u: Tensor, factor: float | tuple[float, float]) -> Tensor:
+    """Multiply the displacement values by ``factor`` (or ``(fx, fy)`` per component).
+
+    Use it to change units without resampling, e.g. ``rescale_field(u, d)`` turns a field in
+    pixels of a grid at downsample ``d`` into level-0 pixels (the stored unit of
+    :mod:`wsireg.coords`), and ``rescale_field(u, 1 / d)`` goes back.
+    """
+    fx, fy = (factor, factor) if isinstance(factor, int | float) else factor
+    return u * u.new_tensor([fx, fy]).reshape(1, 2, 1, 1)
+
+
+def resize_field(u: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample ``u`` to a grid of ``size = (H', W')`` covering the same area (pyramid step).
+
+    Positions follow the pixel-area geometry of :mod:`wsireg.coords` (bilinear,
+    ``align_corners=False``, edges replicated); values are rescaled to the new pixels:
+    ``u'_x = u_x * W' / W`` and ``u'_y = u_y * H' / H``. Shrinking does not low-pass filter
+    first; fields are smooth at the scale of one pyramid step.
+    """
+    h, w = u.shape[-2:]
+    new_h, new_w = size
+    if (new_h, new_w) == (h, w):
+        return u
+    resized = F.interpolate(u, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return rescale_field(resized, (new_w / w, new_h / h))
+
+
+def upsample_field(u: Tensor, factor: int = 2) -> Tensor:
+    """:func:`resize_field` to ``factor`` times the size (next finer pyramid level)."""
+    h, w = u.shape[-2:]
+    return resize_field(u, (h * factor, w * factor))
+
+
+class Inverse(NamedTuple):
+    """Result of :func:`invert`."""
+
+    field: Tensor
+    """``w`` with ``T_u o T_w ~= id``, same shape as ``u``."""
+    residual: float
+    """``max_x |w(x) + u(x + w(x))|`` in pixels (Euclidean norm)."""
+    iterations: int
+    """Fixed-point iterations done."""
+
+
+def invert(u: Tensor, iterations: int = 20, tol: float = 1e-3) -> Inverse:
+    """Invert ``T_u`` by fixed-point iteration.
+
+    Solves ``x + w(x) + u(x + w(x)) = x`` via ``w_0 = -u``, ``w_{k+1}(x) = -u(x + w_k(x))``
+    (converges when ``|grad u| < 1``, i.e. for smooth, non-folding fields). Stops when the
+    residual ``r = compose(u, w)`` has max norm ``<= tol`` pixels or after ``iterations``.
+    Near the border ``u`` is replicated, so the inverse is the inverse of that extension.
+    """
+    w = -u
+    done = 0
+    residual = _max_norm(compose(u, w))
+    while residual > tol and done < iterations:
+        w = w - compose(u, w)
+        done += 1
+        residual = _max_norm(compose(u, w))
+    return Inverse(w, residual, done)
+
+
+def _max_norm(u: Tensor) -> float:
+    if u.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(u, dim=1).max())
+
+
+def jacobian_determinant(u: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x -> x + u(x)``: ``(N, H, W)``.
+
+    ``det = (1 + du_x/dx) (1 + du_y/dy) - (du_x/dy) (du_y/dx)``, with central differences in the
+    interior and one-sided differences at the border (:func:`torch.gradient`). Values ``<= 0``
+    mark folding; ``1`` is volume-preserving. Needs ``H, W >= 2``.
+    """
+    dux_dy, dux_dx = torch.gradient(u[:, 0], dim=(-2, -1))
+    duy_dy, duy_dx = torch.gradient(u[:, 1], dim=(-2, -1))
+    return (1.0 + dux_dx) * (1.0 + duy_dy) - dux_dy * duy_dx
+
+
+def sample_field(u: Tensor, points: Tensor) -> Tensor:
+    """Bilinear value of ``u`` at (x, y) ``points`` in pixels of ``u``'s grid.
+
+    Args:
+        u: ``(N, 2, H, W)``.
+        points: ``(K, 2)`` (then ``N`` must be 1) or ``(N, K, 2)``.
+
+    Returns:
+        ``(K, 2)`` or ``(N, K, 2)`` displacements (x, y); beyond the border the edge is
+        replicated.
+    """
+    batched = points.dim() == 3
+    pts = points if batched else points.unsqueeze(0)
+    positions = pts.to(u.dtype).permute(0, 2, 1).unsqueeze(-1)  # (N, 2, K, 1)
+    values = sample(u, positions, mode="bilinear", padding="border")  # (N, 2, K, 1)
+    values = values.squeeze(-1).permute(0, 2, 1)
+    return values if batched else values.squeeze(0)

@@ -1,0 +1,456 @@
+"""The out-of-core warp engine: a source slide resampled into target space, chunk by chunk.
+
+:func:`warp_block` is the one block function: for a block of a target grid it computes the
+transform on the block (:mod:`wsireg.transform`), reads only the bounding box of the source
+region it needs from the source level closest in resolution, and resamples it (OpenCV
+``remap``: bilinear with 1/32-pixel fixed-point weights on uint8, or nearest for label masks).
+Source pixels are interpolated once, whatever the number of composed stages. The registration
+scheduler uses the same function to warp the source by the current transform.
+
+:func:`warp` runs one :func:`warp_block` per output chunk as independent dask tasks (threaded
+scheduler by default, or a dask.distributed cluster), writes level 0 of an OME-Zarr chunk by
+chunk, then builds the pyramid from it (:func:`wsireg.ngff.build_pyramid`). The output is
+staged; ``resume`` continues a staged output left by a killed run, computing only the chunks
+that are missing (zarr writes each chunk atomically, so a chunk on disk is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .coords import grid_to_level0_affine
+from .errors import TransformError
+from .transform import Transform
+
+#: Largest source box (pixels) one block may read; beyond it a coarser level is used.
+MAX_BOX_PIXELS = 24 << 20
+INTERPOLATIONS = ("linear", "nearest")
+_JOB_FILE = "wsireg-warp-job.json"
+
+
+# --------------------------------------------------------------------------------------------
+# One block
+# --------------------------------------------------------------------------------------------
+def scale_of(affine: np.ndarray) -> float:
+    """Mean linear scale of an affine (source pixels per target pixel)."""
+    return math.sqrt(abs(np.linalg.det(np.asarray(affine)[:2, :2]))) or 1.0
+
+
+def choose_source_level(source: Any, transform: Transform, out_downsample: float) -> int:
+    """The finest source level not finer than one output pixel needs (OpenSlide's rule)."""
+    scale = 1.0
+    for stage in transform.stages:
+        scale *= scale_of(stage.affine)
+    return source.get_best_level_for_downsample(out_downsample * scale)
+
+
+def source_pixel_maps(
+    transform: Transform,
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,
+    out_downsample: float,
+    source_downsample: float,
+) -> _AffinePlusDisplacement | _DenseMaps:
+    """Source-level pixel coordinates of the target-grid block ``[y0:y0+h, x0:x0+w]``.
+
+    For one stage, ``map = M [j, i, 1] + B u`` with ``M`` the affine from output pixel indices
+    to source-level indices and ``B`` its linear part: the affine part stays separable (a row
+    and a column vector per axis, float64) and only ``B u`` is interpolated (float32). Chains
+    of stages are mapped densely in float64.
+    """
+    to_source_index = np.linalg.inv(grid_to_level0_affine(source_downsample))
+    if len(transform.stages) == 1:
+        stage = transform.stages[0]
+        M = to_source_index @ stage.affine @ grid_to_level0_affine(out_downsample)
+        B = to_source_index[:2, :2] @ stage.affine[:2, :2]
+        disp = stage.displacement_block(y0, x0, h, w, out_downsample, matrix=B)
+        j = np.arange(x0, x0 + w, dtype=np.float64)
+        i = np.arange(y0, y0 + h, dtype=np.float64)
+        return _AffinePlusDisplacement(
+            row_x=M[0, 0] * j + M[0, 2],
+            col_x=M[0, 1] * i,
+            row_y=M[1, 0] * j + M[1, 2],
+            col_y=M[1, 1] * i,
+            disp=disp,
+        )
+    coords = transform.source_coordinates(y0, x0, h, w, out_downsample)
+    return _DenseMaps(coords @ to_source_index[:2, :2].T + to_source_index[:2, 2])
+
+
+@dataclass
+class _AffinePlusDisplacement:
+    """``map = row(j) + col(i) [+ disp]`` per axis, kept separable until made relative."""
+
+    row_x: np.ndarray
+    col_x: np.ndarray
+    row_y: np.ndarray
+    col_y: np.ndarray
+    disp: np.ndarray | None
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        x_lo = self.row_x.min() + self.col_x.min()
+        x_hi = self.row_x.max() + self.col_x.max()
+        y_lo = self.row_y.min() + self.col_y.min()
+        y_hi = self.row_y.max() + self.col_y.max()
+        if self.disp is not None:
+            x_lo += float(self.disp[..., 0].min())
+            x_hi += float(self.disp[..., 0].max())
+            y_lo += float(self.disp[..., 1].min())
+            y_hi += float(self.disp[..., 1].max())
+        return x_lo, x_hi, y_lo, y_hi
+
+    def relative(self, ox: float, oy: float) -> tuple[np.ndarray, np.ndarray]:
+        map_x = np.add.outer(self.col_x.astype(np.float32), (self.row_x - ox).astype(np.float32))
+        map_y = np.add.outer((self.col_y - oy).astype(np.float32), self.row_y.astype(np.float32))
+        if self.disp is not None:
+            map_x += self.disp[..., 0]
+            map_y += self.disp[..., 1]
+        return map_x, map_y
+
+
+@dataclass
+class _DenseMaps:
+    """Dense source-level coordinates (h, w, 2) float64."""
+
+    coords: np.ndarray
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        cx, cy = self.coords[..., 0], self.coords[..., 1]
+        return float(cx.min()), float(cx.max()), float(cy.min()), float(cy.max())
+
+    def relative(self, ox: float, oy: float) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            (self.coords[..., 0] - ox).astype(np.float32),
+            (self.coords[..., 1] - oy).astype(np.float32),
+        )
+
+
+def warp_block(
+    transform: Transform,
+    source: Any,
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,
+    out_downsample: float = 1.0,
+    *,
+    source_level: int | None = None,
+    interpolation: str = "linear",
+) -> np.ndarray:
+    """Pixels ``[y0:y0+h, x0:x0+w]`` of the target grid at ``out_downsample``, taken from
+    ``source`` (a :class:`wsireg.slide.Slide`) through ``transform``: (h, w, 3) uint8.
+
+    Outside the source slide the result is white.
+    """
+    import cv2
+
+    level = (
+        choose_source_level(source, transform, out_downsample)
+        if source_level is None
+        else source_level
+    )
+    while True:
+        ds = source.level_downsamples[level]
+        maps = source_pixel_maps(transform, y0, x0, h, w, out_downsample, ds)
+        x_lo, x_hi, y_lo, y_hi = maps.bounds()
+        if not all(map(math.isfinite, (x_lo, x_hi, y_lo, y_hi))):
+            raise TransformError(transform.path or "transform", "non-finite coordinates")
+        sh, sw = source.level_shape(level)
+        bx0, by0 = max(math.floor(x_lo) - 1, -1), max(math.floor(y_lo) - 1, -1)
+        bx1, by1 = min(math.floor(x_hi) + 3, sw + 1), min(math.floor(y_hi) + 3, sh + 1)
+        if bx1 <= bx0 or by1 <= by0:  # the whole block maps outside the source
+            return np.full((h, w, 3), 255, np.uint8)
+        if (bx1 - bx0) * (by1 - by0) <= MAX_BOX_PIXELS or level == source.level_count - 1:
+            break
+        level += 1
+    box = source.read(level, by0, bx0, by1 - by0, bx1 - bx0)
+    map_x, map_y = maps.relative(bx0, by0)
+    flag = cv2.INTER_NEAREST if interpolation == "nearest" else cv2.INTER_LINEAR
+    return cv2.remap(
+        box, map_x, map_y, flag, borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The whole slide
+# --------------------------------------------------------------------------------------------
+def check_source(transform: Transform, source: Any) -> None:
+    """The source slide must have the level-0 size of the transform's source."""
+    expected = tuple(transform.source.shape)
+    got = tuple(source.level_shape(0))
+    if expected != got:
+        raise TransformError(
+            source.path,
+            f"source slide is {got[1]} x {got[0]} px but the transform's source is "
+            f"{expected[1]} x {expected[0]} px",
+        )
+
+
+def output_grid(transform: Transform, level: int) -> tuple[tuple[int, int], float]:
+    """Shape ``(H, W)`` and downsample of target level ``level`` (the output grid)."""
+    if level < 0:
+        raise ValueError(f"level must be >= 0, not {level}")
+    return transform.target.level_shape(level), transform.target.level_downsample(level)
+
+
+@dataclass
+class _WarpJob:
+    """What one chunk task needs; pickles as paths so dask workers reopen everything."""
+
+    transform_path: str | None
+    source_path: str
+    output_path: str
+    out_downsample: float
+    source_level: int
+    interpolation: str
+    transform: Any = None
+    source: Any = None
+    output: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(transform=None, source=None, output=None)
+        return state
+
+    def open(self) -> _WarpJob:
+        if self.transform is None:
+            self.transform = _load_transform(self.transform_path)
+        if self.source is None:
+            from .slide import open_slide
+
+            self.source = open_slide(self.source_path)
+        if self.output is None:
+            import zarr
+
+            self.output = zarr.open_array(self.output_path, mode="r+")
+        return self
+
+    def write_chunk(self, y0: int, x0: int, h: int, w: int) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # dask provides the parallelism
+        self.open()
+        block = warp_block(
+            self.transform,
+            self.source,
+            y0,
+            x0,
+            h,
+            w,
+            self.out_downsample,
+            source_level=self.source_level,
+            interpolation=self.interpolation,
+        )
+        self.output[:, y0 : y0 + h, x0 : x0 + w] = np.moveaxis(block, -1, 0)
+
+
+@lru_cache(maxsize=4)
+def _load_transform(path: str | None) -> Transform:
+    if path is None:
+        raise TransformError("transform", "an unsaved transform cannot be sent to a cluster")
+    return Transform.load(path)
+
+
+def chunk_grid(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(y0, x0, h, w)`` of the chunks of a grid, row by row."""
+    H, W = shape
+    for y0 in range(0, H, chunk):
+        for x0 in range(0, W, chunk):
+            yield y0, x0, min(chunk, H - y0), min(chunk, W - x0)
+
+
+def existing_chunks(array: Any) -> set[tuple[int, int]]:
+    """Chunk indices ``(iy, ix)`` of a ``(C, H, W)`` zarr array (C in one chunk or per channel)
+    whose every channel is on disk."""
+    import zarr
+
+    store_root = Path(str(array.store.root)) / array.path
+    nc = math.ceil(array.shape[0] / array.chunks[0])
+    present: dict[tuple[int, int], int] = {}
+    if array.metadata.zarr_format == 3:
+        encode = array.metadata.chunk_key_encoding.encode_chunk_key
+    else:
+        encode = zarr.core.chunk_key_encodings.V2ChunkKeyEncoding(
+            separator=array.metadata.dimension_separator
+        ).encode_chunk_key
+    ny = math.ceil(array.shape[1] / array.chunks[1])
+    nx = math.ceil(array.shape[2] / array.chunks[2])
+    for iy in range(ny):
+        for ix in range(nx):
+            count = sum((store_root / encode((c, iy, ix))).is_file() for c in range(nc))
+            present[(iy, ix)] = count
+    return {key for key, count in present.items() if count == nc}
+
+
+def warp(
+    transform: Transform | str | Path,
+    source: Any,
+    out: str | Path,
+    *,
+    level: int = 0,
+    interpolation: str = "linear",
+    fmt: str = "ome-zarr",
+    chunk: int = 1024,
+    ngff_version: str = "0.4",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Warp ``source`` (a slide or its path) into the target space of ``transform``.
+
+    Writes a multiscale OME-Zarr (``fmt="ome-zarr"``) or a pyramidal OME-TIFF
+    (``fmt="ome-tiff"``, transcoded from a temporary OME-Zarr) of target level ``level``.
+    ``scheduler`` (address) or ``workers`` (a LocalCluster of that many processes) run the
+    chunk tasks on dask.distributed; the output is identical to the threaded run.
+    """
+    from .ngff import build_pyramid, create_ome_zarr, write_ome_tiff
+    from .output import check_output, commit, partial_path, remove
+    from .slide import open_slide
+
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
+    out = Path(out)
+    check_output(out, overwrite)
+    if not isinstance(transform, Transform):
+        transform = Transform.load(transform)
+    slide = source if hasattr(source, "level_shape") else open_slide(source)
+    check_source(transform, slide)
+    shape, out_ds = output_grid(transform, level)
+    mpp = transform.target.mpp
+    if mpp is not None:
+        mpp = (mpp[0] * out_ds, mpp[1] * out_ds)
+    source_level = choose_source_level(slide, transform, out_ds)
+    zarr_out = out if fmt == "ome-zarr" else out.with_name(f"{out.name}.zarr-tmp")
+    stage = partial_path(zarr_out)
+    job_doc = {
+        "transform": str(transform.path) if transform.path else None,
+        "stages": [s.affine.tolist() for s in transform.stages],
+        "source": str(Path(slide.path).resolve()),
+        "level": level,
+        "interpolation": interpolation,
+        "chunk": chunk,
+        "ngff_version": ngff_version,
+        "shape": list(shape),
+    }
+    if not (resume and _same_job(stage, job_doc)):
+        remove(stage)
+        group = create_ome_zarr(
+            stage,
+            shape,
+            3,
+            np.uint8,
+            mpp=mpp,
+            chunk=chunk,
+            ngff_version=ngff_version,
+            name=Path(slide.path).name,
+        )
+        (stage / _JOB_FILE).write_text(json.dumps(job_doc))
+    else:
+        import zarr
+
+        group = zarr.open_group(str(stage), mode="r+")
+    level0 = group["0"]
+    done = existing_chunks(level0)
+    todo = [c for c in chunk_grid(shape, chunk) if (c[0] // chunk, c[1] // chunk) not in done]
+    job = _WarpJob(
+        str(transform.path) if transform.path else None,
+        str(slide.path),
+        str(stage / "0"),
+        out_ds,
+        source_level,
+        interpolation,
+        transform=transform,
+        source=slide,
+        output=level0,
+    )
+    try:
+        _run_chunks(job, todo, scheduler, workers, threads)
+        build_pyramid(group, "nearest" if interpolation == "nearest" else "mean")
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if not resume:
+            remove(stage)
+        raise
+    for leftover in stage.rglob("*.partial"):  # temp files of chunks killed mid-write
+        leftover.unlink()
+    (stage / _JOB_FILE).unlink()
+    if fmt == "ome-zarr":
+        commit(stage, out)
+        return out
+    try:
+        import dask.array as da
+        import zarr
+
+        level_array = zarr.open_array(str(stage / "0"), mode="r")
+        image = da.from_zarr(level_array).transpose(1, 2, 0)
+        write_ome_tiff(image, out, mpp=mpp, overwrite=overwrite)
+    finally:
+        remove(stage)
+    return out
+
+
+def _same_job(stage: Path, job_doc: dict[str, Any]) -> bool:
+    try:
+        return json.loads((stage / _JOB_FILE).read_text()) == json.loads(json.dumps(job_doc))
+    except (OSError, ValueError):
+        return False
+
+
+def _run_chunks(
+    job: _WarpJob,
+    chunks: list[tuple[int, int, int, int]],
+    scheduler: str | None,
+    workers: int | None,
+    threads: int | None,
+) -> None:
+    import dask
+
+    from .progress import dask_progress, progress
+
+    if not chunks:
+        return
+    tasks = [dask.delayed(job.write_chunk, pure=False)(*c) for c in chunks]
+    if scheduler is None and not workers:
+        n = threads or max(2, os.cpu_count() or 2)
+        with dask_progress("warp"):
+            dask.compute(*tasks, scheduler="threads", num_workers=n)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    if job.transform_path is None:
+        raise TransformError("transform", "save the transform before warping on a cluster")
+    if scheduler is not None:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=int(workers),
+            threads_per_worker=threads or 1,
+            processes=True,
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+    try:
+        futures = client.compute(tasks)
+        with progress(len(futures), "warp", unit="chunk") as bar:
+            for future in as_completed(futures):
+                future.result()
+                bar.update(1)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
