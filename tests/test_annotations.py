@@ -1,0 +1,160 @@
+"""Landmark CSVs and GeoJSON mapped through transforms, both ways, via the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsireg.annotations import densify, map_geojson, read_landmarks, write_landmarks
+from wsireg.errors import InputError
+from wsireg.transform import Transform
+
+from .test_transform import SOURCE, TARGET, field_transform, rotation
+
+
+@pytest.fixture()
+def saved_transform(tmp_path: Path) -> tuple[Transform, Path]:
+    T = field_transform(downsample=16, affine=rotation(30, (2000, 1500), (25, -40)))
+    return T, T.save(tmp_path / "transform")
+
+
+def test_landmark_csv_round_trip(tmp_path: Path, shared_data: Path) -> None:
+    real = read_landmarks(shared_data / "anhir-5pc/rat-kidney_/scale-5pc/Rat-Kidney_HE.csv")
+    assert real.shape == (71, 2) and tuple(real[0]) == (63.0, 309.0)
+    pts = np.array([[1.5, 2.25], [1000.125, 3.0]])
+    back = read_landmarks(write_landmarks(tmp_path / "p.csv", pts))
+    np.testing.assert_allclose(back, pts)
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == ",X,Y"
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="bad.csv"):
+        read_landmarks(tmp_path / "bad.csv")
+
+
+def test_warp_points_cli_both_ways(saved_transform, tmp_path: Path, run_cli) -> None:
+    T, tdir = saved_transform
+    target_pts = np.random.default_rng(5).uniform([100, 100], [3900, 2900], (60, 2))
+    source_pts, _ = T.map_points(target_pts)
+    write_landmarks(tmp_path / "source.csv", source_pts)
+    # default: source-slide points -> target-slide points (what rTRE evaluates)
+    result = run_cli("warp-points", tdir, tmp_path / "source.csv", "-o", tmp_path / "t.csv")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(read_landmarks(tmp_path / "t.csv"), target_pts, atol=0.05)
+    # --inverse: target-slide points -> source-slide points
+    write_landmarks(tmp_path / "target.csv", target_pts)
+    result = run_cli(
+        "warp-points", tdir, tmp_path / "target.csv", "-o", tmp_path / "s.csv", "--inverse"
+    )
+    assert result.exit_code == 0
+    np.testing.assert_allclose(read_landmarks(tmp_path / "s.csv"), source_pts, atol=1e-3)
+    # no overwrite without --overwrite
+    result = run_cli("warp-points", tdir, tmp_path / "source.csv", "-o", tmp_path / "t.csv")
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+    result = run_cli("warp-points", tdir, tmp_path / "missing.csv", "-o", tmp_path / "m.csv")
+    assert result.exit_code == 1 and "missing.csv" in result.stderr
+    assert not (tmp_path / "m.csv").exists()
+
+
+def qupath_export() -> list[dict]:
+    """What QuPath's 'Export objects as GeoJSON' writes: a list of features."""
+    square = [[1000, 1000], [1600, 1000], [1600, 1500], [1000, 1500], [1000, 1000]]
+    hole = [[1200, 1200], [1300, 1200], [1300, 1300], [1200, 1300], [1200, 1200]]
+    return [
+        {
+            "type": "Feature",
+            "id": "a1",
+            "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "MultiPolygon",
+                "coordinates": [
+                    [square],
+                    [[[2000, 2000], [2100, 2000], [2050, 2100], [2000, 2000]]],
+                ],
+            },
+            "properties": {"name": "multi"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "LineString", "coordinates": [[500, 500], [3000, 700]]},
+            "properties": {},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [321.5, 654.5]},
+            "properties": {"name": "cell"},
+        },
+    ]
+
+
+def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run_cli) -> None:
+    T, tdir = saved_transform
+    src = tmp_path / "ann.geojson"
+    src.write_text(json.dumps({"type": "FeatureCollection", "features": qupath_export()}))
+    result = run_cli("warp-geojson", tdir, src, "-o", tmp_path / "fwd.geojson")
+    assert result.exit_code == 0, result.output
+    fwd = json.loads((tmp_path / "fwd.geojson").read_text())
+    features = fwd["features"]
+    assert features[0]["id"] == "a1"
+    assert features[0]["properties"]["classification"]["name"] == "Tumor"
+    assert len(features[0]["geometry"]["coordinates"]) == 2  # the hole survives
+    assert features[1]["geometry"]["type"] == "MultiPolygon"
+    ring = np.array(features[0]["geometry"]["coordinates"][0])
+    np.testing.assert_allclose(ring[0], ring[-1])  # rings stay closed
+    assert len(ring) > 5  # long edges were densified (field spacing 16 px)
+    line = np.array(features[2]["geometry"]["coordinates"])
+    assert len(line) > 2
+    # Each mapped vertex is where the inverse transform puts it (QuPath corner convention).
+    point = np.array(features[3]["geometry"]["coordinates"])
+    expected, _ = T.map_points(np.array([[321.0, 654.0]]), "inverse")
+    np.testing.assert_allclose(point, expected[0] + 0.5, atol=1e-6)
+    # Mapping back with --inverse returns to the original vertices (up to densification).
+    result = run_cli(
+        "warp-geojson",
+        tdir,
+        tmp_path / "fwd.geojson",
+        "-o",
+        tmp_path / "back.geojson",
+        "--inverse",
+        "--max-segment",
+        "0",
+    )
+    assert result.exit_code == 0
+    back = json.loads((tmp_path / "back.geojson").read_text())["features"]
+    back_ring = np.array(back[0]["geometry"]["coordinates"][0])
+    original = np.array(qupath_export()[0]["geometry"]["coordinates"][0], float)
+    dense = densify(original, 8.0)
+    # every original vertex is among the round-tripped ones
+    for vertex in original:
+        assert np.min(np.linalg.norm(back_ring - vertex, axis=1)) < 0.05
+    assert len(back_ring) >= len(original) and len(dense) > len(original)
+    np.testing.assert_allclose(
+        back[3]["geometry"]["coordinates"],
+        qupath_export()[3]["geometry"]["coordinates"],
+        atol=0.05,
+    )
+
+
+def test_map_geojson_of_a_bare_geometry_and_centre_origin() -> None:
+    doc = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 0]]]}
+    shifted = map_geojson(doc, lambda p: p + [5, 7], pixel_origin="centre")
+    assert shifted["coordinates"][0][1] == [15.0, 7.0]
+    assert doc["coordinates"][0][1] == [10, 0]  # input untouched
+
+
+def test_bad_geojson(tmp_path: Path, saved_transform, run_cli) -> None:
+    _, tdir = saved_transform
+    (tmp_path / "bad.geojson").write_text("{nope")
+    result = run_cli("warp-geojson", tdir, tmp_path / "bad.geojson", "-o", tmp_path / "o.json")
+    assert result.exit_code == 1 and "bad.geojson" in result.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_identity_transform_keeps_points() -> None:
+    pts = np.array([[5.0, 6.0]])
+    assert Transform.identity(TARGET, SOURCE).map_points(pts, "inverse")[0] == pytest.approx(pts)
