@@ -45,12 +45,18 @@ def scale_of(affine: np.ndarray) -> float:
     return math.sqrt(abs(np.linalg.det(np.asarray(affine)[:2, :2]))) or 1.0
 
 
-def choose_source_level(source: Any, transform: Transform, out_downsample: float) -> int:
-    """The finest source level not finer than one output pixel needs (OpenSlide's rule)."""
+def transform_scale(transform: Transform) -> float:
+    """Source level-0 pixels per target level-0 pixel (affine parts; fields are local)."""
     scale = 1.0
     for stage in transform.stages:
         scale *= scale_of(stage.affine)
-    return source.get_best_level_for_downsample(out_downsample * scale)
+    return scale
+
+
+def choose_source_level(source: Any, transform: Transform, out_downsample: float) -> int:
+    """The coarsest source level at least as fine as one output pixel needs (OpenSlide's
+    rule)."""
+    return source.get_best_level_for_downsample(out_downsample * transform_scale(transform))
 
 
 def source_pixel_maps(
@@ -155,27 +161,39 @@ def warp_block(
     """
     import cv2
 
-    level = (
-        choose_source_level(source, transform, out_downsample)
-        if source_level is None
-        else source_level
-    )
+    needed = out_downsample * transform_scale(transform)
+    level = source.get_best_level_for_downsample(needed) if source_level is None else source_level
     while True:
         ds = source.level_downsamples[level]
+        # A level much finer than the output needs is area-averaged first (anti-aliasing).
+        factor = max(1, int(needed / ds + 1e-6)) if interpolation == "linear" else 1
         maps = source_pixel_maps(transform, y0, x0, h, w, out_downsample, ds)
         x_lo, x_hi, y_lo, y_hi = maps.bounds()
         if not all(map(math.isfinite, (x_lo, x_hi, y_lo, y_hi))):
             raise TransformError(transform.path or "transform", "non-finite coordinates")
         sh, sw = source.level_shape(level)
-        bx0, by0 = max(math.floor(x_lo) - 1, -1), max(math.floor(y_lo) - 1, -1)
-        bx1, by1 = min(math.floor(x_hi) + 3, sw + 1), min(math.floor(y_hi) + 3, sh + 1)
+        bx0, by0 = max(math.floor(x_lo) - factor, -factor), max(math.floor(y_lo) - factor, -factor)
+        bx1 = min(math.floor(x_hi) + 2 + 2 * factor, sw + factor)
+        by1 = min(math.floor(y_hi) + 2 + 2 * factor, sh + factor)
         if bx1 <= bx0 or by1 <= by0:  # the whole block maps outside the source
             return np.full((h, w, 3), 255, np.uint8)
         if (bx1 - bx0) * (by1 - by0) <= MAX_BOX_PIXELS or level == source.level_count - 1:
             break
         level += 1
+    if factor > 1:  # whole factor x factor cells, on the level's own cell grid
+        bx0, by0 = (bx0 // factor) * factor, (by0 // factor) * factor
+        bx1, by1 = (
+            bx0 + -(-(bx1 - bx0) // factor) * factor,
+            by0 + -(-(by1 - by0) // factor) * factor,
+        )
     box = source.read(level, by0, bx0, by1 - by0, bx1 - bx0)
     map_x, map_y = maps.relative(bx0, by0)
+    if factor > 1:
+        size = ((bx1 - bx0) // factor, (by1 - by0) // factor)
+        box = cv2.resize(box, size, interpolation=cv2.INTER_AREA)
+        shift = (factor - 1) / 2.0
+        map_x = (map_x - shift) / factor
+        map_y = (map_y - shift) / factor
     flag = cv2.INTER_NEAREST if interpolation == "nearest" else cv2.INTER_LINEAR
     return cv2.remap(
         box, map_x, map_y, flag, borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255)
@@ -308,6 +326,7 @@ def warp(
     threads: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """Warp ``source`` (a slide or its path) into the target space of ``transform``.
 
@@ -315,7 +334,10 @@ def warp(
     (``fmt="ome-tiff"``, transcoded from a temporary OME-Zarr) of target level ``level``.
     ``scheduler`` (address) or ``workers`` (a LocalCluster of that many processes) run the
     chunk tasks on dask.distributed; the output is identical to the threaded run.
+    ``timings``, if given, receives the seconds of the level-0 and pyramid phases.
     """
+    import time
+
     from .ngff import build_pyramid, create_ome_zarr, write_ome_tiff
     from .output import check_output, commit, partial_path, remove
     from .slide import open_slide
@@ -376,9 +398,13 @@ def warp(
         source=slide,
         output=level0,
     )
+    timings = {} if timings is None else timings
     try:
+        start = time.perf_counter()
         _run_chunks(job, todo, scheduler, workers, threads)
+        timings["level0_s"] = time.perf_counter() - start
         build_pyramid(group, "nearest" if interpolation == "nearest" else "mean")
+        timings["pyramid_s"] = time.perf_counter() - start - timings["level0_s"]
     except KeyboardInterrupt:
         raise
     except BaseException:
