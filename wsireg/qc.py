@@ -1,0 +1,79 @@
+"""Quality-control pictures and similarity of a registration, at a viewable size.
+
+Pictures are ``(H, W, 3)`` uint8 RGB on the target grid at a thumbnail downsample:
+
+* checkerboard: squares alternate between the target and the warped source;
+* overlay: the target's stain amount in magenta, the warped source's in green (where they
+  coincide the tissue is grey/white-ish; misalignment shows as coloured fringes).
+
+Similarity is the NCC of the two images' optical-density magnitude inside the union of their
+tissue (higher is better, in [-1, 1]), the measure reported before and after registration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def od_magnitude(rgb: np.ndarray) -> np.ndarray:
+    """Optical-density magnitude ``|-log((I + 1) / 256)|`` per pixel, float32 (0 on white)."""
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    return np.sqrt((od * od).sum(-1))
+
+
+def checkerboard(target: np.ndarray, warped: np.ndarray, squares: int = 8) -> np.ndarray:
+    """Alternate ``squares`` x ``squares`` (along the longest side) tiles of both images."""
+    h, w = target.shape[:2]
+    side = max(1, max(h, w) // squares)
+    yy, xx = np.mgrid[0:h, 0:w]
+    pick = ((yy // side + xx // side) % 2).astype(bool)
+    return np.where(pick[..., None], warped, target)
+
+
+def overlay(target: np.ndarray, warped: np.ndarray) -> np.ndarray:
+    """Target's stain amount in magenta, the warped source's in green, on black."""
+    t = _normalised(od_magnitude(target))
+    s = _normalised(od_magnitude(warped))
+    return (np.stack([t, s, t], -1) * 255).round().astype(np.uint8)
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    hi = float(np.percentile(values, 99.5)) or 1.0
+    return np.clip(values / hi, 0, 1)
+
+
+def similarity(target: np.ndarray, warped: np.ndarray) -> float:
+    """NCC of the OD magnitudes inside the union of tissue (OD > 0.15) of both images."""
+    t, s = od_magnitude(target), od_magnitude(warped)
+    mask = (t > 0.15) | (s > 0.15)
+    if mask.sum() < 16:
+        return float("nan")
+    a, b = t[mask] - t[mask].mean(), s[mask] - s[mask].mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path, optimize=True)
+    return path
+
+
+def write_qc(
+    directory: str | Path, target: np.ndarray, stages: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Write ``checkerboard-<stage>.png`` and ``overlay-<stage>.png`` for each warped source
+    of ``stages`` (e.g. before / affine / final) plus ``target.png``; return similarities."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_png(directory / "target.png", target)
+    scores = {}
+    for name, warped in stages.items():
+        save_png(directory / f"checkerboard-{name}.png", checkerboard(target, warped))
+        save_png(directory / f"overlay-{name}.png", overlay(target, warped))
+        scores[name] = similarity(target, warped)
+    return scores
