@@ -1,0 +1,118 @@
+"""``wsireg register`` and ``wsireg demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli
+
+
+def register_options(function):  # type: ignore[no-untyped-def]
+    """Options shared by ``register`` and ``batch``."""
+    options = [
+        click.option(
+            "--level",
+            type=int,
+            default=None,
+            help="Finest target level of the field (0 = full resolution; default: "
+            "from the slide size, about 2048 px on the longest side).",
+        ),
+        click.option("--levels", type=int, default=None, help="Pyramid levels N."),
+        click.option("--iterations", type=int, default=None, help="Iterations per level M."),
+        click.option("--patch", type=int, default=None, help="Patch size P (px of a level)."),
+        click.option("--stride", type=int, default=None, help="Stride S."),
+        click.option("--group", type=int, default=None, help="Patches per network call G."),
+        click.option(
+            "--refine",
+            type=int,
+            default=None,
+            help="Instance-optimisation steps per block and level (default: 0 with "
+            "weights, 40 without).",
+        ),
+        click.option(
+            "--weights",
+            default="default",
+            show_default=True,
+            help="'default' (shipped), a .pt path, or 'none' (pure optimisation).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option(
+            "--warp-level",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Target level of warped.ome.zarr.",
+        ),
+        click.option("--no-warp", is_flag=True, help="Do not write warped.ome.zarr."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def register_kwargs(options: dict) -> dict:
+    """Library keyword arguments of the shared options."""
+    return {
+        "level": options["level"],
+        "levels": options["levels"],
+        "iterations": options["iterations"],
+        "patch": options["patch"],
+        "stride": options["stride"],
+        "group": options["group"],
+        "refine": options["refine"],
+        "weights": None if options["weights"] == "none" else options["weights"],
+        "device": options["device"],
+        "warp_level": options["warp_level"],
+        "write_warped": not options["no_warp"],
+    }
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory (transform/, warped.ome.zarr, qc/, report.json).",
+)
+@register_options
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def register(
+    source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **options
+) -> None:
+    """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
+    from wsireg.register import register as run
+
+    result = run(
+        source, target, out, resume=resume, overwrite=overwrite, **register_kwargs(options)
+    )
+    sim = result.report.get("similarity", {})
+    click.echo(
+        f"{out}: similarity before {sim.get('before', float('nan')):.3f}, affine "
+        f"{sim.get('affine', float('nan')):.3f}, final {sim.get('final', float('nan')):.3f}; "
+        f"{result.report['timings_s']['total_s']:.1f} s"
+    )
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", default=4096, show_default=True, help="Side of the synthetic slides.")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
+    """Register a synthetic pair with a known deformation and print the error."""
+    from wsireg.demo import run_demo
+
+    summary = run_demo(out, size=size, seed=seed, overwrite=overwrite)
+    click.echo(json.dumps(summary, indent=2))
