@@ -172,3 +172,80 @@ def test_level_slicing_reads_only_touched_tiles(tmp_path: Path, monkeypatch) -> 
     assert window.shape == (100, 100, 3)
     # The window straddles one chunk border: two 1024² chunks read, not the 8192² slide.
     assert sum(h * w for _, _, h, w in calls) == 2 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: info and convert, good and bad input
+# --------------------------------------------------------------------------------------------
+def test_info_cli(slides_dir: Path, run_cli) -> None:
+    import json
+
+    result = run_cli("info", slides_dir / "cmu-1-small-region.svs")
+    assert result.exit_code == 0 and "aperio" in result.stdout and "0.499" in result.stdout
+    data = json.loads(run_cli("info", "--json", slides_dir / "tcga-cr-7395-01a-01-ts1.svs").stdout)
+    assert data["level_count"] == 2 and data["mpp"] is None
+    assert data["levels"][1]["width"] == 2221
+
+
+@pytest.mark.parametrize("suffix", [".ome.zarr", ".ome.tif"])
+def test_convert_round_trip_and_reopen(
+    slides_dir: Path, tmp_path: Path, run_cli, suffix: str
+) -> None:
+    src = slides_dir / "cmu-1-small-region.svs"
+    out = tmp_path / f"cmu{suffix}"
+    extra = ["--compression", "zlib"] if suffix == ".ome.tif" else []
+    result = run_cli("convert", src, out, *extra)
+    assert result.exit_code == 0, result.output
+    original = open_slide(src).level(0).compute()
+    with open_slide(out) as converted:
+        assert converted.mpp == pytest.approx((0.499, 0.499))
+        assert converted.level_count >= 3
+        np.testing.assert_array_equal(converted.level(0).compute(), original)
+        assert converted.backend.startswith("ome-zarr" if suffix == ".ome.zarr" else "tifffile")
+    # no overwrite without --overwrite, then with it
+    assert run_cli("convert", src, out, *extra).exit_code == 1
+    assert run_cli("convert", src, out, *extra, "--overwrite").exit_code == 0
+
+
+BAD = {
+    "broken.svs": "not a readable slide",
+    "unopenable.tiff": "not a readable slide",
+    "unreadable.svs": "cannot read pixels",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_convert_bad_slides_leaves_nothing(
+    slides_dir: Path, tmp_path: Path, run_cli, name: str
+) -> None:
+    out = tmp_path / "out.ome.zarr"
+    result = run_cli("convert", slides_dir / name, out)
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and name in lines[0] and BAD[name] in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_paths(tmp_path: Path, run_cli) -> None:
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    zero = tmp_path / "zero.tif"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tifffile.imwrite(zero, np.zeros((0, 4, 3), np.uint8))
+    cases = {
+        tmp_path / "missing.svs": "no such file",
+        tmp_path: "is a directory",
+        empty: "empty file",
+        zero: "zero size",
+    }
+    for path, reason in cases.items():
+        for verb in (["info"], ["convert"]):
+            args = [*verb, path] + ([tmp_path / "o.ome.zarr"] if verb == ["convert"] else [])
+            result = run_cli(*args)
+            assert result.exit_code == 1, (path, verb)
+            assert reason in result.stderr and str(path) in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.ome.zarr").exists()

@@ -401,6 +401,9 @@ def _open_backend(path: Path, backend: str | None = None) -> _Backend:
     if tiff_backend is not None and openslide_backend is not None:
         if tiff_backend.level_shapes == openslide_backend.level_shapes:
             return _MetadataFrom(tiff_backend, openslide_backend)
+        if len(tiff_backend.level_shapes) > len(openslide_backend.level_shapes):
+            openslide_backend.close()  # e.g. an OME-TIFF SubIFD pyramid OpenSlide cannot see
+            return tiff_backend
         tiff_backend.close()
         return openslide_backend
     if tiff_backend is not None:

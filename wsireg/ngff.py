@@ -1,0 +1,608 @@
+"""Multiscale OME-Zarr (NGFF 0.4 / 0.5) and pyramidal OME-TIFF writers, built out of core.
+
+Pixels come in as ``[y, x, c]`` arrays of shape ``(H, W, C)``, level-0 pixels, and are stored as
+``[c, y, x]`` with NGFF axes ``c, y, x`` (see :mod:`wsireg.coords`). ``mpp`` is ``(x, y)``
+micrometres per level-0 pixel, as :attr:`wsireg.slide.Slide.mpp`.
+
+Level 0 is written chunk by chunk from a dask array; level ``k`` is then computed from level
+``k - 1`` read back from disk (:func:`build_pyramid`), so the memory used does not depend on the
+image size. Level ``k`` is the grid at downsample ``2**k`` of :mod:`wsireg.pyramid`; its chunks
+are ``(1, min(chunk, H_k), min(chunk, W_k))``.
+
+The pieces: :func:`create_ome_zarr` (arrays and metadata, no pixels), :func:`write_level0`,
+:func:`build_pyramid`; :func:`write_ome_zarr` stages, runs the three and renames into place.
+:func:`write_ome_tiff` writes a tiled OME-TIFF with SubIFDs from a temporary zarr pyramid
+(:func:`write_ome_tiff_levels` streams an existing pyramid, e.g. an OME-Zarr written here).
+:func:`read_ome_zarr_levels` opens the levels of an OME-Zarr image for reading.
+
+The CLI caps glibc's malloc arenas first (:func:`wsireg.resources.limit_malloc_arenas`), which
+keeps the peak memory of long conversions flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from .output import check_output, staged_output
+from .progress import dask_progress, progress
+from .pyramid import METHODS, downsample2, halved_shapes, level_shapes
+
+NGFF_VERSIONS = ("0.4", "0.5")
+TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
+RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+_UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6,
+               "centimeter": 1e4, "angstrom": 1e-4}
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------
+def multiscale_metadata(
+    shapes: Sequence[tuple[int, int]], mpp: tuple[float, float] | None, name: str | None = None
+) -> dict[str, Any]:
+    """The one ``multiscales`` entry (without ``version``) for levels ``0 .. len(shapes)-1``.
+
+    Axes ``c`` (channel), ``y``, ``x`` (space, unit micrometer when ``mpp`` is known); level
+    ``k`` has the scale ``[1, mpp_y * 2**k, mpp_x * 2**k]`` (``[1, 2**k, 2**k]`` level-0 pixels
+    without a unit when ``mpp`` is unknown).
+    """
+    space: dict[str, Any] = {"type": "space"}
+    if mpp is not None:
+        space["unit"] = "micrometer"
+    sx, sy = (float(mpp[0]), float(mpp[1])) if mpp is not None else (1.0, 1.0)
+    datasets = [
+        {
+            "path": str(k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, sy * 2**k, sx * 2**k]}
+            ],
+        }
+        for k in range(len(shapes))
+    ]
+    entry: dict[str, Any] = {
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
+        "datasets": datasets,
+    }
+    if name is not None:
+        entry["name"] = name
+    return entry
+
+
+def omero_metadata(channels: int, dtype: np.dtype) -> dict[str, Any] | None:
+    """``omero`` rendering metadata for RGB uint8 images (``None`` for anything else)."""
+    if channels != 3 or np.dtype(dtype) != np.uint8:
+        return None
+    window = {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
+    return {
+        "channels": [
+            {"label": label, "color": color, "window": dict(window), "active": True,
+             "coefficient": 1.0, "family": "linear", "inverted": False}
+            for label, color in RGB_CHANNELS
+        ],
+        "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
+    }
+
+
+def group_attributes(
+    shapes: Sequence[tuple[int, int]],
+    channels: int,
+    dtype: np.dtype,
+    mpp: tuple[float, float] | None,
+    name: str | None,
+    ngff_version: str,
+) -> dict[str, Any]:
+    """Group attributes of an NGFF ``ngff_version`` image (0.4: top level; 0.5: under ``ome``)."""
+    multiscale = multiscale_metadata(shapes, mpp, name)
+    omero = omero_metadata(channels, dtype)
+    if ngff_version == "0.4":
+        attrs: dict[str, Any] = {"multiscales": [{"version": "0.4", **multiscale}]}
+        if omero is not None:
+            attrs["omero"] = omero
+        return attrs
+    ome: dict[str, Any] = {"version": "0.5", "multiscales": [multiscale]}
+    if omero is not None:
+        ome["omero"] = omero
+    return {"ome": ome}
+
+
+# --------------------------------------------------------------------------------------------
+# Creating and filling a multiscale group
+# --------------------------------------------------------------------------------------------
+def default_compressor(ngff_version: str = "0.4") -> Any:
+    """Blosc zstd level 5 with byte shuffle: numcodecs for zarr v2 (0.4), zarr codec for v3."""
+    _check_version(ngff_version)
+    if ngff_version == "0.4":
+        from numcodecs import Blosc
+
+        return Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def create_ome_zarr(
+    path: str | Path,
+    shape_yx: tuple[int, int],
+    channels: int,
+    dtype: Any,
+    *,
+    mpp: tuple[float, float] | None = None,
+    chunk: int = 1024,
+    compressor: Any = None,
+    levels: int | None = None,
+    ngff_version: str = "0.4",
+    name: str | None = None,
+) -> zarr.Group:
+    """Create an empty multiscale OME-Zarr image at ``path`` (which must not exist).
+
+    Level arrays ``"0" .. "n-1"`` have shape ``(channels, H_k, W_k)`` and chunks
+    ``(1, min(chunk, H_k), min(chunk, W_k))``; ``levels`` defaults to halving until the top level
+    fits in one chunk of at most 512 px (:func:`wsireg.pyramid.level_shapes`). NGFF 0.4 is zarr
+    v2 with ``/`` chunk keys, 0.5 is zarr v3. ``compressor``: a numcodecs codec (0.4) or a zarr
+    v3 bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated); ``None`` for
+    :func:`default_compressor`. Unwritten chunks read as white for RGB uint8 (0 otherwise).
+    """
+    _check_version(ngff_version)
+    shapes = _plan_levels(shape_yx, chunk, levels)
+    dtype = np.dtype(dtype)
+    zarr_format = 2 if ngff_version == "0.4" else 3
+    compressor = default_compressor(ngff_version) if compressor is None else compressor
+    if zarr_format == 3:
+        compressor = _as_v3_codec(compressor)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=zarr_format)
+    fill = 255 if (channels == 3 and dtype == np.uint8) else 0
+    for k, (h, w) in enumerate(shapes):
+        options: dict[str, Any] = {}
+        if zarr_format == 2:
+            options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+        else:
+            options["dimension_names"] = ("c", "y", "x")
+        group.create_array(
+            str(k),
+            shape=(int(channels), h, w),
+            chunks=(1, min(chunk, h), min(chunk, w)),
+            dtype=dtype,
+            compressors=compressor,
+            fill_value=fill,
+            **options,
+        )
+    group.attrs.update(
+        group_attributes(shapes, int(channels), dtype, mpp, name, ngff_version)
+    )
+    return group
+
+
+def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
+    """Write ``image`` (``(H, W, C)``) into level ``"0"`` of ``group``, chunk by chunk."""
+    target = _level_arrays(group)[0]
+    c, h, w = target.shape
+    if tuple(image.shape) != (h, w, c) or image.dtype != target.dtype:
+        raise ValueError(f"image {tuple(image.shape)} {image.dtype} does not fit level 0 "
+                         f"{(h, w, c)} {target.dtype}")
+    source = _aligned(image, target.chunks[1], target.chunks[2]).transpose(2, 0, 1)
+    with _threads(), dask_progress("level 0"):
+        da.store(source, target, lock=False, compute=True)
+
+
+def build_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
+    """Fill levels ``1 .. n-1`` of ``group``, each from the previous level read from disk.
+
+    Level ``k`` is :func:`wsireg.pyramid.downsample2` of level ``k - 1`` (``"mean"`` or
+    ``"nearest"``), computed block by block: each task reads a ``2 x 2``-chunk region of
+    level ``k - 1`` and writes whole chunks of level ``k``. The method is recorded as the
+    multiscale ``type``.
+    """
+    if downsample_method not in METHODS:
+        raise ValueError(f"unknown downsampling method {downsample_method!r}; use {METHODS}")
+    arrays = _level_arrays(group)
+    _set_multiscale_type(group, downsample_method)
+    for k in range(1, len(arrays)):
+        previous, target = arrays[k - 1], arrays[k]
+        cy, cx = target.chunks[1], target.chunks[2]
+        source = da.from_zarr(
+            previous, chunks=(previous.shape[0], 2 * cy, 2 * cx), inline_array=True
+        )
+        smaller = downsample2(source, downsample_method, axes=(1, 2))
+        if smaller.shape != target.shape:
+            raise ValueError(f"level {k} is {target.shape}, expected {smaller.shape}")
+        with _threads(), dask_progress(f"level {k}"):
+            da.store(smaller, target, lock=False, compute=True)
+
+
+def write_ome_zarr(
+    image: da.Array | np.ndarray,
+    path: str | Path,
+    *,
+    mpp: tuple[float, float] | None = None,
+    chunk: int = 1024,
+    compressor: Any = None,
+    levels: int | None = None,
+    ngff_version: str = "0.4",
+    name: str | None = None,
+    downsample_method: str = "mean",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``image`` (``(H, W, C)``, dask or numpy) as a multiscale OME-Zarr at ``path``.
+
+    See :func:`create_ome_zarr` for the layout and options. The output is staged under
+    ``.NAME.partial`` and renamed into place at the end; an existing ``path`` is replaced only
+    with ``overwrite``. Returns ``path``.
+    """
+    _check_version(ngff_version)
+    image = _as_image(image, chunk)
+    path = Path(path)
+    with staged_output(path, overwrite=overwrite) as stage:
+        group = create_ome_zarr(
+            stage, image.shape[:2], image.shape[2], image.dtype, mpp=mpp, chunk=chunk,
+            compressor=compressor, levels=levels, ngff_version=ngff_version, name=name,
+        )
+        write_level0(group, image)
+        build_pyramid(group, downsample_method)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def read_ome_zarr_levels(path: str | Path) -> tuple[list[zarr.Array], dict[str, Any]]:
+    """Open the levels of the (first) multiscale image of an OME-Zarr (NGFF 0.1 - 0.5).
+
+    Returns the level arrays, finest first, and a dict with ``version``, ``name``, ``axes``
+    (list of ``{"name", "type", "unit"}`` dicts, array axis order), ``paths``, ``scales`` and
+    ``translations`` (per level, one number per axis; a dataset's transforms composed with the
+    multiscale-wide ones), ``scale_um`` (``(x, y)`` micrometres per level-0 pixel, or ``None``
+    without a known spatial unit) and ``omero`` (or ``None``). A bioformats2raw layout is
+    followed into its first image ``"0"``.
+    """
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
+        raise ValueError(f"{path}: not a zarr group ({exc})") from exc
+    group, ome = _find_multiscales(root, path)
+    multiscale = ome["multiscales"][0]
+    datasets = multiscale["datasets"]
+    paths = [str(d["path"]) for d in datasets]
+    arrays = [group[p] for p in paths]
+    axes = _axes(multiscale.get("axes"), arrays[0].ndim)
+    outer = multiscale.get("coordinateTransformations") or []
+    scales, translations = [], []
+    for d in datasets:
+        scale, translation = _transform(d.get("coordinateTransformations") or [], len(axes))
+        g_scale, g_translation = _transform(outer, len(axes))
+        scales.append([s * g for s, g in zip(scale, g_scale, strict=True)])
+        translations.append(
+            [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
+        )
+    meta = {
+        "version": str(ome.get("version") or multiscale.get("version") or ""),
+        "name": multiscale.get("name"),
+        "axes": axes,
+        "paths": paths,
+        "scales": scales,
+        "translations": translations,
+        "scale_um": _scale_um(axes, scales[0]),
+        "omero": ome.get("omero"),
+    }
+    return arrays, meta
+
+
+def _find_multiscales(root: zarr.Group, path: str | Path) -> tuple[zarr.Group, dict[str, Any]]:
+    for group in (root, _child_group(root, "0")):
+        if group is None:
+            continue
+        attrs = group.attrs.asdict()
+        ome = attrs.get("ome", attrs)
+        if ome.get("multiscales"):
+            return group, ome
+    raise ValueError(f"{path}: no OME-Zarr multiscales metadata")
+
+
+def _child_group(root: zarr.Group, name: str) -> zarr.Group | None:
+    with contextlib.suppress(KeyError, FileNotFoundError):
+        child = root[name]
+        if isinstance(child, zarr.Group):
+            return child
+    return None
+
+
+def _axes(axes: Sequence[Any] | None, ndim: int) -> list[dict[str, Any]]:
+    if not axes:  # NGFF 0.1 / 0.2: always t, c, z, y, x
+        axes = ["t", "c", "z", "y", "x"][-ndim:]
+    out = []
+    for axis in axes:
+        if isinstance(axis, str):
+            kind = {"c": "channel", "t": "time"}.get(axis, "space")
+            out.append({"name": axis, "type": kind})
+        else:
+            out.append(dict(axis))
+    return out
+
+
+def _transform(transforms: Sequence[dict[str, Any]], ndim: int) -> tuple[list[float], list[float]]:
+    scale, translation = [1.0] * ndim, [0.0] * ndim
+    for t in transforms:
+        if t.get("type") == "scale" and "scale" in t:
+            scale = [float(s) for s in t["scale"]]
+        elif t.get("type") == "translation" and "translation" in t:
+            translation = [float(s) for s in t["translation"]]
+    return scale, translation
+
+
+def _scale_um(axes: list[dict[str, Any]], scale: list[float]) -> tuple[float, float] | None:
+    names = [a.get("name") for a in axes]
+    if "x" not in names or "y" not in names:
+        return None
+    out = []
+    for axis_name in ("x", "y"):
+        i = names.index(axis_name)
+        factor = _UNIT_TO_UM.get(str(axes[i].get("unit", "")).lower())
+        if factor is None:
+            return None
+        out.append(scale[i] * factor)
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------
+# OME-TIFF
+# --------------------------------------------------------------------------------------------
+def write_ome_tiff(
+    image: da.Array | np.ndarray,
+    path: str | Path,
+    *,
+    mpp: tuple[float, float] | None = None,
+    tile: int = 512,
+    compression: str = "jpeg",
+    quality: int = 90,
+    levels: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``image`` (``(H, W, 3)`` uint8 RGB) as a tiled pyramidal OME-TIFF with SubIFDs.
+
+    The pyramid (:func:`wsireg.pyramid.level_shapes` with ``chunk=tile``, or ``levels``
+    levels) is first built out of core as a temporary zarr (zstd level 1, chunks of one tile;
+    about a third of the raw pixel size on disk for slide-like content) in a hidden directory
+    beside ``path``, then streamed into the TIFF by :func:`write_ome_tiff_levels`.
+    ``compression``: ``"jpeg"`` (``quality`` 1-100), ``"zlib"``, ``"zstd"`` or ``"none"``.
+    Physical pixel sizes go into the OME-XML when ``mpp`` is known. Staged like every output;
+    an existing ``path`` is replaced only with ``overwrite``.
+    """
+    image = _as_image(image, tile)
+    if image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"OME-TIFF output takes (H, W, 3) uint8 RGB, got {image.shape} "
+                         f"{image.dtype}")
+    _check_tiff_options(compression, tile)
+    path = Path(check_output(path, overwrite))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.levels-") as tmp:
+        group = create_ome_zarr(
+            Path(tmp) / "levels.zarr", image.shape[:2], image.shape[2], image.dtype,
+            chunk=tile, compressor=_scratch_compressor(), levels=levels,
+        )
+        write_level0(group, image)
+        build_pyramid(group)
+        return write_ome_tiff_levels(
+            _level_arrays(group), path, mpp=mpp, tile=tile, compression=compression,
+            quality=quality, overwrite=overwrite,
+        )
+
+
+def write_ome_tiff_levels(
+    levels: Sequence[zarr.Array],
+    path: str | Path,
+    *,
+    mpp: tuple[float, float] | None = None,
+    tile: int = 512,
+    compression: str = "jpeg",
+    quality: int = 90,
+    overwrite: bool = False,
+) -> Path:
+    """Stream an existing pyramid into a tiled OME-TIFF with SubIFDs, tile by tile.
+
+    ``levels`` are ``(3, H_k, W_k)`` uint8 arrays at downsample ``2**k`` (e.g. the levels of an
+    OME-Zarr written here, from :func:`read_ome_zarr_levels`); any chunking works. Tiles are
+    read in groups of 16 one group ahead and encoded by tifffile in two threads, at most 64 MiB
+    of raw tiles at a time. Options as :func:`write_ome_tiff`; staged output.
+    """
+    import tifffile
+
+    _check_tiff_options(compression, tile)
+    options = _tiff_options(compression, quality, tile)
+    with (
+        staged_output(path, overwrite=overwrite) as stage,
+        tifffile.TiffWriter(stage, bigtiff=True, ome=True) as tif,
+    ):
+        for k, array in enumerate(levels):
+            extra: dict[str, Any] = (
+                {"subifds": len(levels) - 1, "metadata": _ome_metadata(mpp)}
+                if k == 0 else {"subfiletype": 1, "metadata": None}
+            )
+            if mpp is not None:
+                extra["resolution"] = (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k))
+                extra["resolutionunit"] = "CENTIMETER"
+            c, h, w = array.shape
+            with progress(_tile_count(h, w, tile), f"OME-TIFF level {k}", "tile") as bar:
+                tif.write(
+                    _tiles(array, tile, bar), shape=(h, w, c), dtype=array.dtype,
+                    photometric="rgb", **options, **extra,
+                )
+    return Path(path)
+
+
+def _check_tiff_options(compression: str, tile: int) -> None:
+    if compression not in TIFF_COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; use one of {TIFF_COMPRESSIONS}")
+    if tile % 16 or tile <= 0:
+        raise ValueError(f"TIFF tile size must be a positive multiple of 16, got {tile}")
+
+
+def _tiff_options(compression: str, quality: int, tile: int) -> dict[str, Any]:
+    # tifffile encodes batches of tiles in threads; cap a batch at 64 MiB of raw tiles
+    options: dict[str, Any] = {"tile": (tile, tile), "maxworkers": 2, "buffersize": 64 << 20}
+    if compression == "jpeg":
+        options.update(compression="jpeg", compressionargs={"level": int(quality)})
+    elif compression != "none":
+        options["compression"] = compression
+    return options
+
+
+def _ome_metadata(mpp: tuple[float, float] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"axes": "YXS"}
+    if mpp is not None:
+        meta.update(
+            PhysicalSizeX=float(mpp[0]), PhysicalSizeXUnit="µm",
+            PhysicalSizeY=float(mpp[1]), PhysicalSizeYUnit="µm",
+        )
+    return meta
+
+
+def _tile_count(h: int, w: int, tile: int) -> int:
+    return math.ceil(h / tile) * math.ceil(w / tile)
+
+
+def _tiles(array: zarr.Array, tile: int, bar: Any, span: int = 16) -> Iterator[np.ndarray]:
+    """``(tile, tile, C)`` tiles of a ``(C, H, W)`` array in row-major order (edge tiles
+    smaller), reading ``span`` tiles at a time one group ahead in a background thread."""
+    _, h, w = array.shape
+    groups = [
+        (y, x, min(x + span * tile, w))
+        for y in range(0, h, tile)
+        for x in range(0, w, span * tile)
+    ]
+
+    def read(group: tuple[int, int, int]) -> np.ndarray:
+        y, x0, x1 = group
+        return np.asarray(array[:, y : y + tile, x0:x1]).transpose(1, 2, 0)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending: deque = deque()
+        for group in groups:
+            pending.append(pool.submit(read, group))
+            if len(pending) < 2:
+                continue
+            yield from _split(pending.popleft().result(), tile, bar)
+        while pending:
+            yield from _split(pending.popleft().result(), tile, bar)
+
+
+def _split(band: np.ndarray, tile: int, bar: Any) -> Iterator[np.ndarray]:
+    for x in range(0, band.shape[1], tile):
+        yield np.ascontiguousarray(band[:, x : x + tile])
+        bar.update(1)
+
+
+def _scratch_compressor() -> Any:
+    from numcodecs import Blosc
+
+    return Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _check_version(ngff_version: str) -> None:
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"unsupported NGFF version {ngff_version!r}; use one of {NGFF_VERSIONS}")
+
+
+def _plan_levels(
+    shape_yx: Sequence[int], chunk: int, levels: int | None
+) -> list[tuple[int, int]]:
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    if levels is None:
+        return level_shapes(shape_yx, chunk)
+    if levels < 1:
+        raise ValueError(f"levels must be at least 1, got {levels}")
+    return halved_shapes(shape_yx, levels)
+
+
+def _as_v3_codec(codec: Any) -> Any:
+    """Translate common numcodecs compressors to their zarr v3 codecs; pass others through."""
+    from numcodecs.abc import Codec
+
+    if not isinstance(codec, Codec):
+        return codec
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    config = codec.get_config()
+    kind = config.pop("id")
+    if kind == "blosc":
+        shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle", -1: "shuffle"}
+        return BloscCodec(
+            cname=config["cname"], clevel=config["clevel"],
+            shuffle=shuffle[config.get("shuffle", 1)],
+        )
+    if kind == "zstd":
+        return ZstdCodec(level=config.get("level", 0))
+    if kind == "gzip":
+        return GzipCodec(level=config.get("level", 5))
+    raise ValueError(f"no zarr v3 equivalent known for the numcodecs codec {kind!r}")
+
+
+def _set_multiscale_type(group: zarr.Group, method: str) -> None:
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    ome["multiscales"][0]["type"] = method
+    group.attrs.update(attrs)
+
+
+def _level_arrays(group: zarr.Group) -> list[zarr.Array]:
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    return [group[d["path"]] for d in ome["multiscales"][0]["datasets"]]
+
+
+def _as_image(image: da.Array | np.ndarray, chunk: int) -> da.Array:
+    """``image`` as an ``(H, W, C)`` dask array (numpy wrapped with ``chunk``-sized blocks)."""
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {tuple(image.shape)}")
+    if isinstance(image, da.Array):
+        return image
+    return da.from_array(np.asarray(image), chunks=(chunk, chunk, -1))
+
+
+def _aligned(image: da.Array | np.ndarray, cy: int, cx: int) -> da.Array:
+    """``image`` as dask with block boundaries on the ``(cy, cx)`` chunk grid (one channel
+    block), so every write covers whole zarr chunks and no two tasks touch one chunk."""
+    if not isinstance(image, da.Array):
+        return da.from_array(np.asarray(image), chunks=(cy, cx, -1))
+    if image.numblocks[2] != 1:
+        image = image.rechunk({2: -1})
+    if not (_on_grid(image.chunks[0], cy) and _on_grid(image.chunks[1], cx)):
+        image = image.rechunk((cy, cx, -1))
+    return image
+
+
+def _on_grid(sizes: Sequence[int], step: int) -> bool:
+    """Block boundaries at multiples of ``step`` and blocks of at most ``2 * step``."""
+    edges = np.cumsum(sizes)[:-1]
+    return bool(np.all(edges % step == 0)) and max(sizes) <= 2 * step
+
+
+@contextlib.contextmanager
+def _threads() -> Iterator[None]:
+    """Dask's threaded scheduler on a pool of its own that is drained on the way out, so that
+    after a failed computation no task is still writing while the caller cleans up."""
+    workers = dask.config.get("num_workers", None) or os.cpu_count() or 2
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="wsireg-ngff")
+    try:
+        with dask.config.set(scheduler="threads", pool=pool):
+            yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+
