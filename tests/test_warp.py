@@ -229,3 +229,16 @@ def test_warp_memory_is_bounded(tmp_path: Path) -> None:
     )
     peak_mib = float(out.stdout.split()[-1])
     assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB for a 432 MB image"
+
+
+def test_warp_to_ome_tiff(pattern_slide: Path, tmp_path: Path, run_cli) -> None:
+    slide = open_slide(pattern_slide)
+    tdir = Transform.identity(SlideRef.from_slide(slide)).save(tmp_path / "t")
+    out = tmp_path / "w.ome.tif"
+    result = run_cli("-q", "warp", tdir, pattern_slide, "-o", out, "--chunk", "512")
+    assert result.exit_code == 0, result.output
+    with open_slide(out) as warped:
+        assert warped.level_count >= 2
+        diff = np.abs(warped.level(0).compute().astype(int) - slide.level(0).compute())
+        assert diff.mean() < 2  # JPEG tiles
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "w.ome.tif"]

@@ -338,7 +338,7 @@ def warp(
     """
     import time
 
-    from .ngff import build_pyramid, create_ome_zarr, write_ome_tiff
+    from .ngff import build_pyramid, create_ome_zarr, write_ome_tiff_levels
     from .output import check_output, commit, partial_path, remove
     from .slide import open_slide
 
@@ -418,12 +418,8 @@ def warp(
         commit(stage, out)
         return out
     try:
-        import dask.array as da
-        import zarr
-
-        level_array = zarr.open_array(str(stage / "0"), mode="r")
-        image = da.from_zarr(level_array).transpose(1, 2, 0)
-        write_ome_tiff(image, out, mpp=mpp, overwrite=overwrite)
+        levels = [group[str(k)] for k in range(len(list(group.array_keys())))]
+        write_ome_tiff_levels(levels, out, mpp=mpp, overwrite=overwrite)
     finally:
         remove(stage)
     return out
