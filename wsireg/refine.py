@@ -36,8 +36,19 @@ class RefineSettings:
     """Weight of the curvature of ``v`` (pixels of the level)."""
     window: int = 7
     """Local NCC window, pixels of the level (odd)."""
-    scale: int = 4
-    """The correction lives on a grid ``scale`` times coarser than the image."""
+    scale: int = 16
+    """The correction lives on a grid ``scale`` times coarser than the image (measured on
+    real H&E pairs with smooth deformations: 16 halves the end-point error of 4 and never
+    folds)."""
+    decay: float = 0.5
+    """Each finer pyramid level gets ``decay`` times the steps of the coarser one (fine levels
+    cost 4x more per step and start closer to the optimum)."""
+
+    def steps_at(self, level: int) -> int:
+        """Steps at pyramid level ``level`` (0 = coarsest)."""
+        if self.steps <= 0:
+            return 0
+        return max(1, round(self.steps * self.decay**level))
 
 
 def refine_field(

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,9 +294,10 @@ class _Level:
             rows = -(-fixed.shape[-2] // cfg.stride)
             cols = -(-fixed.shape[-1] // cfg.stride)
             report.patches += rows * cols * cfg.iterations
-        if cfg.refine.steps > 0:
+        steps = cfg.refine.steps_at(self.index)
+        if steps > 0:
             start = time.perf_counter()
-            v = refine_field(moving, fixed, v, cfg.refine)
+            v = refine_field(moving, fixed, v, replace(cfg.refine, steps=steps))
             report.refine_s += time.perf_counter() - start
         return v
 
