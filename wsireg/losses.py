@@ -58,13 +58,18 @@ def local_ncc(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tenso
     ``LNCC = mean_x cov / sqrt(var_a var_b + eps)``. Signed (inverted images give ~ -1);
     ``eps`` (in squared intensity units) makes flat windows (blank background) contribute ~0.
     """
+    return local_ncc_map(a, b, window, eps).flatten(1).mean(dim=1)
+
+
+def local_ncc_map(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tensor:
+    """The per-pixel windowed NCC of :func:`local_ncc`, ``(N, C, H, W)``."""
     if window % 2 != 1:
         raise ValueError(f"window must be odd, got {window}")
     mean_a, mean_b = _box(a, window), _box(b, window)
     var_a = (_box(a * a, window) - mean_a * mean_a).clamp_min(0)
     var_b = (_box(b * b, window) - mean_b * mean_b).clamp_min(0)
     cov = _box(a * b, window) - mean_a * mean_b
-    return (cov / torch.sqrt(var_a * var_b + eps)).flatten(1).mean(dim=1)
+    return cov / torch.sqrt(var_a * var_b + eps)
 
 
 # --- MIND-SSC ---------------------------------------------------------------------------------
