@@ -13,6 +13,7 @@ import click
 from wsireg import __version__
 from wsireg.errors import WsiregError
 from wsireg.progress import set_quiet
+from wsireg.resources import limit_malloc_arenas
 
 
 class _Group(click.Group):
@@ -34,6 +35,7 @@ class _Group(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def cli(quiet: bool) -> None:
     """Register whole-slide histology images out of core and write OME-Zarr."""
+    limit_malloc_arenas()
     set_quiet(quiet)
 
 
@@ -42,4 +44,4 @@ def main() -> None:
 
 
 # Each module adds its verbs to `cli` (imported last: they import `cli` from here).
-from . import slides, transforms  # noqa: E402,F401
+from . import register, slides, transforms  # noqa: E402,F401

@@ -323,7 +323,7 @@ def _align(
     scale = physical_scale(source, target)
     t_ref = SlideRef.from_slide(target)
     d_t = max(1.0, max(t_ref.shape) / THUMBNAIL_SIDE)
-    d_s = max(1.0, d_t * scale)
+    d_s = d_t * scale  # equal physical pixel size (may upsample a coarser source)
     target_thumb = thumbnail(target, d_t)
     cached = work / "align.json"
     if resume and cached.is_file():

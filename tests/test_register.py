@@ -1,0 +1,167 @@
+"""`wsireg register`: the pipeline end to end on small synthetic pairs, its outputs, resume,
+bad input. Pure instance optimisation (no weights) keeps these fast and independent of
+training; the shipped network is exercised in test_algorithm/test_train."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from wsireg.errors import InputError
+from wsireg.register import register
+from wsireg.synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
+
+SHAPE = (1024, 1024)
+FAST = {"weights": None, "refine": 24, "levels": 2}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An H&E source and an IHC target, rotated by 25 degrees and deformed smoothly."""
+    root = tmp_path_factory.mktemp("pair")
+    seed = 11
+    _, _, truth = synthetic_pair(SHAPE, seed, max_displacement=8, rotation=25.0)
+    source = write_synthetic_slide(root / "source.ome.tif", SHAPE, seed=seed, stain="he")
+    target = write_synthetic_slide(
+        root / "target.ome.tif", SHAPE, seed=seed, stain="ihc", deformation=truth
+    )
+    target_pts, source_pts = pair_landmarks(SHAPE, seed, truth, n=150)
+    return {
+        "source": source,
+        "target": target,
+        "truth": truth,
+        "target_pts": target_pts,
+        "source_pts": source_pts,
+        "root": root,
+    }
+
+
+def landmark_error(transform, pair: dict) -> np.ndarray:
+    mapped, _ = transform.map_points(pair["target_pts"])
+    return np.linalg.norm(mapped - pair["source_pts"], axis=1)
+
+
+def test_register_recovers_a_rotated_deformed_pair(pair: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = register(pair["source"], pair["target"], out, **FAST)
+    before = np.linalg.norm(pair["target_pts"] - pair["source_pts"], axis=1)
+    error = landmark_error(result.transform, pair)
+    assert before.mean() > 100  # the rotation moves tissue far
+    assert error.mean() < 2.0 and np.percentile(error, 90) < 3.5
+    # the outputs
+    assert sorted(p.name for p in out.iterdir()) == [
+        "qc",
+        "report.json",
+        "transform",
+        "warped.ome.zarr",
+    ]
+    qc = sorted(p.name for p in (out / "qc").iterdir())
+    assert {"target.png", "checkerboard-final.png", "overlay-before.png"} <= set(qc)
+    report = json.loads((out / "report.json").read_text())
+    for key in (
+        "source",
+        "target",
+        "parameters",
+        "timings_s",
+        "peak_rss_mib",
+        "device",
+        "similarity",
+        "alignment",
+        "levels",
+    ):
+        assert key in report
+    assert report["similarity"]["final"] > report["similarity"]["before"]
+    assert report["similarity"]["final"] >= report["similarity"]["affine"] - 0.01
+    assert (
+        abs(report["alignment"]["rotation_deg"] - 25) < 2
+        or abs(report["alignment"]["rotation_deg"] - 335) < 2
+    )
+    level0 = zarr.open_group(str(out / "warped.ome.zarr"), mode="r")["0"]
+    assert level0.shape == (3, *SHAPE)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_identical_slides_give_identity(pair: dict, tmp_path: Path) -> None:
+    result = register(pair["source"], pair["source"], tmp_path / "same", **FAST)
+    pts = pair["target_pts"]
+    mapped, _ = result.transform.map_points(pts)
+    assert np.abs(mapped - pts).max() < 0.5
+
+
+def test_existing_output_and_bad_inputs(
+    pair: dict, tmp_path: Path, slides_dir: Path, run_cli
+) -> None:
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    result = run_cli(
+        "register", pair["source"], pair["target"], "-o", existing, "--weights", "none"
+    )
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+    out = tmp_path / "bad"
+    result = run_cli(
+        "register", slides_dir / "unreadable.svs", pair["target"], "-o", out, "--weights", "none"
+    )
+    assert result.exit_code == 1 and "unreadable.svs" in result.stderr
+    assert not out.exists() and not (tmp_path / ".bad.partial").exists()
+
+
+def test_slide_without_tissue_is_a_clear_error(pair: dict, tmp_path: Path) -> None:
+    import tifffile
+
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.full((*SHAPE, 3), 250, np.uint8), tile=(256, 256), photometric="rgb")
+    with pytest.raises(InputError, match="blank.tif.*tissue"):
+        register(blank, pair["target"], tmp_path / "o", **FAST)
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(pair: dict, tmp_path: Path) -> None:
+    options = ["--weights", "none", "--refine", "24", "--levels", "2"]
+    reference = tmp_path / "reference"
+    base = [
+        sys.executable,
+        "-m",
+        "wsireg_cli",
+        "-q",
+        "register",
+        str(pair["source"]),
+        str(pair["target"]),
+    ]
+    subprocess.run([*base, "-o", str(reference), *options], check=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*base, "-o", str(out), *options], start_new_session=True)
+    done_file = tmp_path / ".out.partial" / "work" / "fields" / "done-0.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if done_file.exists() and done_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    subprocess.run([*base, "-o", str(out), *options, "--resume"], check=True)
+    a = zarr.open_array(str(reference / "transform" / "field.zarr"), mode="r")[:]
+    b = zarr.open_array(str(out / "transform" / "field.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(a, b)
+    wa = zarr.open_group(str(reference / "warped.ome.zarr"), mode="r")["0"][:]
+    wb = zarr.open_group(str(out / "warped.ome.zarr"), mode="r")["0"][:]
+    np.testing.assert_array_equal(wa, wb)
+
+
+def test_unknown_mpp_and_incompatible_sizes_is_an_error(pair: dict, tmp_path: Path) -> None:
+    import tifffile
+
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, np.full((400, 300, 3), 200, np.uint8), photometric="rgb")
+    with pytest.raises(InputError, match="small.tif.*relative scale"):
+        register(small, pair["target"], tmp_path / "o", **FAST)
