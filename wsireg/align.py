@@ -179,10 +179,7 @@ def tissue_mask(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     absorbs more than :data:`MIN_TISSUE_OD`, or the mask covers less than
     :data:`MIN_TISSUE_FRACTION` of the image.
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise InputError(
-            name, f"expected a uint8 RGB image [y, x, 3], got {rgb.dtype} of shape {rgb.shape}"
-        )
+    _check_rgb(rgb, name)
     h, w = rgb.shape[:2]
     mag = _od_magnitude(rgb)
     mag[rgb.max(axis=2) < 20] = 0.0
@@ -197,6 +194,14 @@ def tissue_mask(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     if mask.sum() < MIN_TISSUE_FRACTION * h * w:
         raise InputError(name, "no tissue found")
     return mask.astype(bool)
+
+
+def _check_rgb(rgb: np.ndarray, name: str) -> None:
+    """Raise :class:`~wsireg.errors.InputError` unless ``rgb`` is a uint8 ``[y, x, 3]`` image."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 8:
+        raise InputError(
+            name, f"expected a uint8 RGB image [y, x, 3] of >= 8 px, got {rgb.dtype} {rgb.shape}"
+        )
 
 
 def _clean_mask(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -747,6 +752,7 @@ _MASK_SIZE = 1024  # longest side at which tissue masks are computed inside alig
 def _find_tissue(rgb: np.ndarray, downsample: float, name: str, margin: float = 0.1) -> _Tissue:
     """Crop ``rgb`` (a level at ``downsample``) to its tissue's bounding box grown by ``margin``
     of its longest side. The mask is computed at <= ``_MASK_SIZE`` pixels."""
+    _check_rgb(rgb, name)
     h, w = rgb.shape[:2]
     f = min(1.0, _MASK_SIZE / max(h, w))
     small = rgb
@@ -930,6 +936,8 @@ def _align(
     before = _score(*levels[-1], frame, frame.from_matrix(np.eye(3)), window)
     after = _score(*levels[-1], frame, best_m, window)
     matrix = frame.to_matrix(best_m)
+    if before >= after:  # never worse than no alignment (e.g. identical slides)
+        matrix, after = np.eye(3), before
     angle, flipped = decompose_affine(matrix)
     timings["total"] = sum(timings.values())
     reports = sorted(

@@ -3,9 +3,10 @@
 Starting from a field ``v0`` (the network's, or zero when there are no weights), ``steps`` Adam
 steps minimise the same objective as the network's training, on the pair itself:
 
-    L(v) = -SIM(moving(x + v(x)), fixed(x)) + alpha * CURV(v)
+    L(v) = -SIM(moving(x + v(x)), fixed(x)) + alpha * CURV(v - v0)
 
-with SIM the mean squared local NCC by default (see :class:`RefineSettings`)
+with SIM the mean squared local NCC by default (see :class:`RefineSettings`) and the curvature
+of the correction (the network's field is taken as it is)
 
 with ``v = v0 + up(delta)``: the correction ``delta`` lives on a grid ``scale`` times coarser
 (smoothness for free, fewer unknowns) and is upsampled bilinearly. Tensors follow
@@ -70,16 +71,24 @@ def refine_field(
     coarse = (max(2, -(-h // settings.scale)), max(2, -(-w // settings.scale)))
     delta = torch.zeros((n, 2, *coarse), device=fixed.device, dtype=fixed.dtype)
     delta.requires_grad_(True)
-    optimiser = torch.optim.Adam([delta], lr=settings.learning_rate)
+    # Adam normalises gradient magnitudes, so without care it keeps stepping ~lr where the
+    # gradient is only noise (e.g. an already perfect match): a floor on the gradient scale
+    # (eps) and a cosine decay of the step to zero make it settle instead of jitter.
+    optimiser = torch.optim.Adam([delta], lr=settings.learning_rate, eps=ADAM_EPS)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.steps)
     moving, fixed, v0 = moving.detach(), fixed.detach(), v0.detach()
     similarity = _similarity(moving, fixed, settings)
     with torch.enable_grad():
         for _ in range(settings.steps):
             v = v0 + F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
-            loss = -similarity(v) + settings.alpha * losses.curvature(v).mean()
+            # v0 is fixed: only the correction is regularised, on its own grid (the Laplacian
+            # per fine pixel^2 is the coarse one / scale^2, squared: / scale^4).
+            curvature = losses.curvature(delta).mean() / settings.scale**4
+            loss = -similarity(v) + settings.alpha * curvature
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            schedule.step()
     with torch.no_grad():
         return v0 + F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
@@ -111,5 +120,7 @@ def _similarity(moving: Tensor, fixed: Tensor, settings: RefineSettings):  # typ
     raise ValueError(f"unknown similarity {settings.similarity!r}")
 
 
+#: Gradient scale below which Adam's steps shrink (similarity units per pixel of the grid).
+ADAM_EPS = 1e-4
 #: Scales the MIND distance to the range of LNCC, so ``alpha`` means the same for both.
 MIND_WEIGHT = 10.0
