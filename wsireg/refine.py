@@ -33,7 +33,7 @@ class RefineSettings:
 
     steps: int = 0
     """Adam steps (0: no refinement)."""
-    learning_rate: float = 0.25
+    learning_rate: float = 0.5
     """Adam step size, pixels of the level."""
     alpha: float = 1.0
     """Weight of the curvature of ``v`` (pixels of the level)."""
