@@ -88,8 +88,12 @@ def test_downsample2_dask_matches_numpy_with_any_chunks(method):
 
 def test_level_shapes():
     assert level_shapes((100, 50), chunk=1024) == [(100, 50)]
-    assert level_shapes((3000, 1000), chunk=1024) == [(3000, 1000), (1500, 500), (750, 250),
-                                                      (375, 125)]
+    assert level_shapes((3000, 1000), chunk=1024) == [
+        (3000, 1000),
+        (1500, 500),
+        (750, 250),
+        (375, 125),
+    ]
     assert level_shapes((513, 2), chunk=1024, min_size=512) == [(513, 2), (257, 1)]
     assert level_shapes((300, 300), chunk=64)[-1] == (38, 38)
     shapes = level_shapes((100_000, 100_000), chunk=1024)
@@ -102,8 +106,9 @@ def test_level_shapes():
 def test_round_trip_odd_size(tmp_path, version):
     image = _image(301, 517)
     lazy = da.from_array(image, chunks=(100, 90, 3))  # not on the chunk grid: rechunked
-    out = write_ome_zarr(lazy, tmp_path / "a.ome.zarr", mpp=(0.25, 0.5), chunk=64,
-                         ngff_version=version, name="slide")
+    out = write_ome_zarr(
+        lazy, tmp_path / "a.ome.zarr", mpp=(0.25, 0.5), chunk=64, ngff_version=version, name="slide"
+    )
     assert out == tmp_path / "a.ome.zarr"
     levels = _levels_yxc(out)
     assert [lv.shape[:2] for lv in levels] == level_shapes((301, 517), chunk=64)
@@ -131,8 +136,9 @@ def test_metadata_validates_and_ome_zarr_py_reads(tmp_path, version):
     from ome_zarr_models.v05 import Image as Image05
 
     image = _image(200, 130)
-    path = write_ome_zarr(image, tmp_path / "v.ome.zarr", mpp=(0.5, 0.5), chunk=64,
-                          ngff_version=version)
+    path = write_ome_zarr(
+        image, tmp_path / "v.ome.zarr", mpp=(0.5, 0.5), chunk=64, ngff_version=version
+    )
     group = zarr.open_group(str(path), mode="r")
     model = (Image04 if version == "0.4" else Image05).from_zarr(group)
     assert isinstance(ome_zarr_models.open_ome_zarr(group), type(model))
@@ -153,13 +159,13 @@ def test_metadata_content(tmp_path):
         {"name": "x", "type": "space", "unit": "micrometer"},
     ]
     scales = [d["coordinateTransformations"] for d in multiscale["datasets"]]
-    assert scales == [[{"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.25 * 2**k]}]
-                      for k in range(3)]
+    assert scales == [
+        [{"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.25 * 2**k]}] for k in range(3)
+    ]
     omero = attrs["omero"]
     assert [c["color"] for c in omero["channels"]] == ["FF0000", "00FF00", "0000FF"]
     assert [c["label"] for c in omero["channels"]] == ["red", "green", "blue"]
-    assert omero["channels"][0]["window"] == {"min": 0.0, "max": 255.0, "start": 0.0,
-                                              "end": 255.0}
+    assert omero["channels"][0]["window"] == {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
     assert omero["rdefs"]["model"] == "color"
 
     bare = write_ome_zarr(_image(130, 70), tmp_path / "p.ome.zarr", chunk=64, ngff_version="0.5")
@@ -167,7 +173,10 @@ def test_metadata_content(tmp_path):
     assert ome["version"] == "0.5" and "version" not in ome["multiscales"][0]
     assert all("unit" not in a for a in ome["multiscales"][0]["axes"])
     assert ome["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"] == [
-        1.0, 2.0, 2.0]
+        1.0,
+        2.0,
+        2.0,
+    ]
     assert read_ome_zarr_levels(bare)[1]["scale_um"] is None
 
 
@@ -183,8 +192,7 @@ def test_small_image_single_level_and_levels_option(tmp_path):
 
 def test_label_mask_nearest(tmp_path):
     mask = (np.arange(90 * 70).reshape(90, 70, 1) % 7).astype(np.uint8)
-    path = write_ome_zarr(mask, tmp_path / "mask.ome.zarr", chunk=32,
-                          downsample_method="nearest")
+    path = write_ome_zarr(mask, tmp_path / "mask.ome.zarr", chunk=32, downsample_method="nearest")
     levels = _levels_yxc(path)
     for k in range(1, len(levels)):
         np.testing.assert_array_equal(levels[k], levels[k - 1][::2, ::2])
@@ -195,9 +203,18 @@ def test_label_mask_nearest(tmp_path):
 def test_create_write_build_pieces(tmp_path):
     """The warp engine's path: create, write level 0 itself, then build the pyramid."""
     image = _image(150, 200)
-    group = create_ome_zarr(tmp_path / "w.ome.zarr", (150, 200), 3, np.uint8, mpp=None,
-                            chunk=64, compressor=None, levels=None, ngff_version="0.5",
-                            name=None)
+    group = create_ome_zarr(
+        tmp_path / "w.ome.zarr",
+        (150, 200),
+        3,
+        np.uint8,
+        mpp=None,
+        chunk=64,
+        compressor=None,
+        levels=None,
+        ngff_version="0.5",
+        name=None,
+    )
     level0 = group["0"]
     assert level0.shape == (3, 150, 200) and level0.chunks == (1, 64, 64)
     np.testing.assert_array_equal(level0[:], 255)  # unwritten RGB reads as white
@@ -209,8 +226,18 @@ def test_create_write_build_pieces(tmp_path):
     with pytest.raises(ValueError):
         write_level0(group, _image(10, 10))
     with pytest.raises(Exception):  # noqa: B017 - zarr's own "exists" error
-        create_ome_zarr(tmp_path / "w.ome.zarr", (10, 10), 3, np.uint8, mpp=None, chunk=64,
-                        compressor=None, levels=None, ngff_version="0.4", name=None)
+        create_ome_zarr(
+            tmp_path / "w.ome.zarr",
+            (10, 10),
+            3,
+            np.uint8,
+            mpp=None,
+            chunk=64,
+            compressor=None,
+            levels=None,
+            ngff_version="0.4",
+            name=None,
+        )
 
 
 def test_read_bioformats2raw_layout(tmp_path):
@@ -231,8 +258,13 @@ def test_custom_compressor_both_versions(tmp_path):
 
     image = _image(70, 70)
     for version in ("0.4", "0.5"):
-        path = write_ome_zarr(image, tmp_path / f"z{version}.ome.zarr", chunk=32,
-                              compressor=Zstd(level=1), ngff_version=version)
+        path = write_ome_zarr(
+            image,
+            tmp_path / f"z{version}.ome.zarr",
+            chunk=32,
+            compressor=Zstd(level=1),
+            ngff_version=version,
+        )
         np.testing.assert_array_equal(_levels_yxc(path)[0], image)
 
 
@@ -275,8 +307,13 @@ def test_existing_output_needs_overwrite(tmp_path):
 @pytest.mark.parametrize("compression", ["zlib", "zstd", "none"])
 def test_ome_tiff_lossless_round_trip(tmp_path, compression):
     image = _image(301, 517)
-    path = write_ome_tiff(da.from_array(image, chunks=(100, 100, 3)), tmp_path / "a.ome.tif",
-                          mpp=(0.25, 0.5), tile=64, compression=compression)
+    path = write_ome_tiff(
+        da.from_array(image, chunks=(100, 100, 3)),
+        tmp_path / "a.ome.tif",
+        mpp=(0.25, 0.5),
+        tile=64,
+        compression=compression,
+    )
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
         series = tif.series[0]
@@ -361,7 +398,11 @@ def test_bounded_memory_16k(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _BOUNDED_SCRIPT, "16384", str(out)],
-        capture_output=True, text=True, check=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=300,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["array_mib"] == 768
