@@ -19,8 +19,9 @@ Slicing ``slide.level(0)[y0:y1, x0:x1]`` reads only the tiles it touches. Errors
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
@@ -80,6 +81,43 @@ def _chunk_side(tile: int | None) -> int:
     if not tile or tile <= 0:
         return CHUNK
     return tile * max(1, round(CHUNK / tile))
+
+
+class TileCache:
+    """A small LRU cache of decoded tiles, shared by the threads reading one slide.
+
+    Neighbouring warp blocks read overlapping, misaligned source boxes: without it every tile
+    under a box edge would be decoded two to four times. Bounded by ``capacity`` bytes
+    (:data:`TILE_CACHE_BYTES`); two threads missing the same tile at once both decode it.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        from collections import OrderedDict
+
+        self.capacity = TILE_CACHE_BYTES if capacity is None else capacity
+        self._tiles: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[Any], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+                return tile
+        tile = load(key)
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = tile
+                self._bytes += tile.nbytes
+                while self._bytes > self.capacity and len(self._tiles) > 1:
+                    _, old = self._tiles.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return tile
+
+
+#: Bytes of decoded tiles a slide keeps (see :class:`TileCache`).
+TILE_CACHE_BYTES = 96 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +216,7 @@ class _TiffBackend(_Backend):
             self.level_shapes = [tuple(a.shape[:2]) for a in self._levels]
             self.tile_sides = [int(lv.pages[0].tilewidth) or None for lv in series.levels]
             self._series = series
+            self._tiles = TileCache()
             # Decode one tile now: a codec tifffile cannot decode falls back to OpenSlide.
             self._levels[-1][:16, :16]
         except Exception:
@@ -188,7 +227,25 @@ class _TiffBackend(_Backend):
         )
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        return to_rgb_on_white(np.asarray(self._levels[level][y0 : y0 + h, x0 : x0 + w]))
+        array = self._levels[level]
+        th, tw = array.chunks[:2]
+        out = np.empty((h, w, array.shape[2]), np.uint8)
+        for ty in range(y0 // th, (y0 + h - 1) // th + 1):
+            for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
+                tile = self._tiles.get((level, ty, tx), self._decode)
+                ay, ax = ty * th, tx * tw
+                sy0, sy1 = max(y0, ay), min(y0 + h, ay + tile.shape[0])
+                sx0, sx1 = max(x0, ax), min(x0 + w, ax + tile.shape[1])
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - ay : sy1 - ay, sx0 - ax : sx1 - ax
+                ]
+        return to_rgb_on_white(out)
+
+    def _decode(self, key: tuple[int, int, int]) -> np.ndarray:
+        level, ty, tx = key
+        array = self._levels[level]
+        th, tw = array.chunks[:2]
+        return np.asarray(array[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw])
 
     def properties(self) -> dict[str, str]:
         page = self._tif.pages[0]
