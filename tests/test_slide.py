@@ -249,3 +249,20 @@ def test_cli_bad_paths(tmp_path: Path, run_cli) -> None:
             assert reason in result.stderr and str(path) in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.ome.zarr").exists()
+
+
+def test_tile_cache_is_bounded_and_reuses_tiles() -> None:
+    from wsireg.slide import TileCache
+
+    loads: list[int] = []
+
+    def load(key: int) -> np.ndarray:
+        loads.append(key)
+        return np.zeros(1000, np.uint8)
+
+    cache = TileCache(capacity=3000)
+    for key in (1, 2, 1, 3, 1, 4, 2):
+        cache.get(key, load)
+    # 1 stays hot; 2 was evicted by 4 (3 tiles fit) and decoded again
+    assert loads == [1, 2, 3, 4, 2]
+    assert cache._bytes <= 3000
