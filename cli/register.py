@@ -116,3 +116,46 @@ def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
 
     summary = run_demo(out, size=size, seed=seed, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The deformed slide (.ome.tif or .ome.zarr); the truth goes to OUT.truth/.",
+)
+@click.option("--rotation", default=0.0, show_default=True, help="Degrees about the centre.")
+@click.option(
+    "--max-displacement",
+    type=float,
+    default=None,
+    help="Largest nonrigid displacement, level-0 px (default 0.5 % of the size).",
+)
+@click.option("--flip", is_flag=True, help="Mirror the slide too.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def deform(
+    slide: Path,
+    out: Path,
+    rotation: float,
+    max_displacement: float | None,
+    flip: bool,
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Write SLIDE through a known random deformation (a test pair with exact truth)."""
+    from wsireg.synthetic import deform_slide
+
+    written, truth = deform_slide(
+        slide,
+        out,
+        rotation=rotation,
+        max_displacement=max_displacement,
+        flip=flip,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    click.echo(f"{written}\n{truth}")

@@ -156,3 +156,14 @@ def test_load_errors(tmp_path: Path) -> None:
 
 def test_stage_without_field_displacement_is_none() -> None:
     assert Stage(np.eye(3)).displacement_block(0, 0, 4, 4, 1.0) is None
+
+
+def test_coarse_output_reads_a_strided_field() -> None:
+    """A thumbnail-sized block of a fine field reads every k-th node, still close to T."""
+    T = field_transform(downsample=4, affine=rotation(7, (2000, 1500)))
+    coarse = T.source_coordinates(0, 0, 47, 62, downsample=64.0)
+    yy, xx = np.mgrid[0:47, 0:62]
+    pts = np.stack([to_level0(xx, 64.0).ravel(), to_level0(yy, 64.0).ravel()], 1)
+    exact, _ = T.map_points(pts)
+    inside = (pts[:, 0] < 3990) & (pts[:, 1] < 2990)
+    assert np.abs(coarse.reshape(-1, 2) - exact)[inside].max() < 0.5

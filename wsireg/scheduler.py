@@ -62,7 +62,7 @@ class SchedulerSettings:
     """``S``: stride, side of the kept centres."""
     group: int = 16
     """``G``: patches per network call."""
-    block: int = 2048
+    block: int = 1024
     """Side of a scheduler block (pixels of a level; a multiple of ``S`` and of 256)."""
     extra: int = 64
     """Halo beyond the block whose patches give context and are then trimmed (pixels)."""

@@ -204,11 +204,15 @@ class Stage:
         import cv2
 
         d = self.field_downsample
+        # An output much coarser than the field reads every `step`-th node only (bounded
+        # memory for thumbnails and coarse levels of a huge field; u is smooth at that scale).
+        step = max(1, int(downsample / d))
         fy = from_level0(to_level0(np.arange(y0, y0 + h), downsample), d)
         fx = from_level0(to_level0(np.arange(x0, x0 + w), downsample), d)
-        iy0, iy1 = math.floor(fy[0]), math.floor(fy[-1]) + 2
-        ix0, ix1 = math.floor(fx[0]), math.floor(fx[-1]) + 2
-        u = read_field_window(self.field, iy0, iy1, ix0, ix1)  # (2, ny, nx), edges replicated
+        iy0, ix0 = math.floor(fy[0]), math.floor(fx[0])
+        ny, nx = math.floor((fy[-1] - iy0) / step) + 2, math.floor((fx[-1] - ix0) / step) + 2
+        u = read_field_window(self.field, iy0, iy0 + ny * step, ix0, ix0 + nx * step, step)
+        fy, fx = iy0 + (fy - iy0) / step, ix0 + (fx - ix0) / step
         if matrix is not None:
             u = np.einsum("ij,jyx->iyx", np.asarray(matrix, np.float64), u)
         nodes = np.ascontiguousarray(np.moveaxis(u, 0, -1), dtype=np.float32)
@@ -219,17 +223,29 @@ class Stage:
         return cv2.remap(nodes, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def read_field_window(fld: Any, iy0: int, iy1: int, ix0: int, ix1: int) -> np.ndarray:
-    """Field nodes ``[:, iy0:iy1, ix0:ix1]`` (may exceed the field: edge nodes replicated)."""
+def read_field_window(
+    fld: Any, iy0: int, iy1: int, ix0: int, ix1: int, step: int = 1
+) -> np.ndarray:
+    """Field nodes ``[:, iy0:iy1:step, ix0:ix1:step]``; indices past the field are clamped to
+    its edge (edge nodes replicated). Reads one strided window."""
     _, H, W = fld.shape
-    cy0, cy1 = min(max(iy0, 0), H - 1), min(max(iy1, 1), H)
-    cx0, cx1 = min(max(ix0, 0), W - 1), min(max(ix1, 1), W)
-    inside = np.asarray(fld[:, cy0:cy1, cx0:cx1], dtype=np.float64)
-    ry = np.clip(np.arange(iy0, iy1), 0, H - 1) - cy0
-    rx = np.clip(np.arange(ix0, ix1), 0, W - 1) - cx0
-    ry = np.clip(ry, 0, inside.shape[1] - 1)
-    rx = np.clip(rx, 0, inside.shape[2] - 1)
-    return inside[:, ry[:, None], rx[None, :]]
+    ry = np.clip(np.arange(iy0, iy1, step), 0, H - 1)
+    rx = np.clip(np.arange(ix0, ix1, step), 0, W - 1)
+    inside_y = np.unique(ry)
+    inside_x = np.unique(rx)
+    if step == 1:
+        window = fld[:, inside_y[0] : inside_y[-1] + 1, inside_x[0] : inside_x[-1] + 1]
+        window = np.asarray(window, dtype=np.float64)
+        return window[:, (ry - inside_y[0])[:, None], (rx - inside_x[0])[None, :]]
+    # strided: read only the rows/columns needed (orthogonal selection), then replicate
+    window = _orthogonal(fld, inside_y, inside_x)
+    return window[:, np.searchsorted(inside_y, ry)[:, None], np.searchsorted(inside_x, rx)[None, :]]
+
+
+def _orthogonal(fld: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    if hasattr(fld, "get_orthogonal_selection"):
+        return np.asarray(fld.get_orthogonal_selection((slice(None), rows, cols)), np.float64)
+    return np.asarray(fld, dtype=np.float64)[:, rows[:, None], cols[None, :]]
 
 
 def _bilinear_points(fld: Any, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
