@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsireg.evaluation import rtre
+
 PEER_SCRIPT = r"""
 import json, sys, time
 import itk
@@ -99,21 +101,15 @@ def read_pairs(table: Path) -> list[dict[str, str]]:
 
 
 def landmarks(pair: dict[str, str]) -> tuple[np.ndarray, np.ndarray, float]:
-    from wsireg.annotations import read_landmarks
-    from wsireg.slide import open_slide
+    """First min(n_source, n_target) landmarks and the target diagonal (wsireg.evaluation)."""
+    from wsireg.evaluation import landmarks as pair_landmarks
 
-    src, tgt = read_landmarks(pair["source_landmarks"]), read_landmarks(pair["target_landmarks"])
-    n = min(len(src), len(tgt))
-    h, w = open_slide(pair["target"]).level_shape(0)
-    return src[:n], tgt[:n], float(np.hypot(h, w))
-
-
-def rtre(mapped: np.ndarray, target: np.ndarray, diagonal: float) -> np.ndarray:
-    return np.linalg.norm(mapped - target, axis=1) / diagonal
+    marks = pair_landmarks(pair["source_landmarks"], pair["target_landmarks"], pair["target"])
+    return marks.source, marks.target, marks.diagonal
 
 
 def run_wsireg(pair: dict[str, str], workdir: Path, options: dict) -> dict:
-    from wsireg.register import register
+    from wsireg.pipeline import register
     from wsireg.transform import Stage, Transform
 
     src, tgt, diag = landmarks(pair)

@@ -31,7 +31,7 @@ from wsireg.progress import set_quiet
 from wsireg.resources import limit_malloc_arenas, peak_rss_mib
 limit_malloc_arenas()
 set_quiet(True)
-from wsireg.register import register
+from wsireg.pipeline import register
 source, target, out, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 start = time.perf_counter()
 result = register(source, target, out, overwrite=True, **options)

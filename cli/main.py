@@ -44,4 +44,4 @@ def main() -> None:
 
 
 # Each module adds its verbs to `cli` (imported last: they import `cli` from here).
-from . import register, slides, transforms  # noqa: E402,F401
+from . import batch, register, slides, transforms  # noqa: E402,F401

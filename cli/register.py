@@ -92,7 +92,7 @@ def register(
     source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **options
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
-    from wsireg.register import register as run
+    from wsireg.pipeline import register as run
 
     result = run(
         source, target, out, resume=resume, overwrite=overwrite, **register_kwargs(options)

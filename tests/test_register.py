@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from wsireg.errors import InputError
-from wsireg.register import register
+from wsireg.pipeline import register
 from wsireg.synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
 
 SHAPE = (1024, 1024)

@@ -21,9 +21,10 @@ _LAZY = {
     "write_ome_zarr": "wsireg.ngff",
     "write_ome_tiff": "wsireg.ngff",
     "Transform": "wsireg.transform",
-    "register": "wsireg.register",
-    "batch": "wsireg.batch",
-    "evaluate": "wsireg.evaluate",
+    "register": "wsireg.pipeline",
+    "batch": "wsireg.batches",
+    "evaluate": "wsireg.evaluation",
+    "stack": "wsireg.serial",
     "WsiregError": "wsireg.errors",
     "SlideError": "wsireg.errors",
 }

@@ -20,7 +20,7 @@ from .output import check_output, remove
 def run_demo(
     out: str | Path, *, size: int = 4096, seed: int = 7, overwrite: bool = False
 ) -> dict[str, Any]:
-    from .register import register
+    from .pipeline import register
     from .synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
 
     out = Path(out)

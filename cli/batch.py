@@ -1,0 +1,170 @@
+"""``wsireg batch``, ``wsireg evaluate`` and ``wsireg stack``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .main import cli
+from .register import register_kwargs, register_options
+
+
+def cluster_options(function):  # type: ignore[no-untyped-def]
+    """Where tasks run: ``--scheduler``, ``--workers``, ``--threads``, ``--gpu-resources``."""
+    options = [
+        click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Start a local dask.distributed cluster of N worker processes "
+            "(default without --scheduler: one pair after the other in this process).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Threads per task (default: CPUs / workers on a local cluster).",
+        ),
+        click.option(
+            "--gpu-resources",
+            is_flag=True,
+            help="Each task claims the worker resource GPU=1: one task at a time per worker "
+            "started with `dask worker ADDRESS --resources GPU=1`.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _cluster(options: dict) -> dict:
+    scheduler, workers = options.pop("scheduler"), options.pop("workers")
+    if scheduler is not None and workers is not None:
+        raise click.UsageError("give --scheduler or --workers, not both")
+    return {
+        "scheduler": scheduler,
+        "workers": workers,
+        "threads": options.pop("threads"),
+        "resources": {"GPU": 1} if options.pop("gpu_resources") else None,
+    }
+
+
+@cli.command()
+@click.argument("pairs", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory: one register output per pair, summary.csv, summary.json.",
+)
+@cluster_options
+@click.option("--resume", is_flag=True, help="Skip complete pairs, continue interrupted ones.")
+@click.option("--overwrite", is_flag=True, help="Replace existing pair outputs.")
+@register_options
+def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> None:
+    """Register every pair of the ANHIR pair table PAIRS (CSV) into OUT.
+
+    Columns `Source image`, `Target image`, optional `Source landmarks` and `Target
+    landmarks` (paths relative to PAIRS); other columns are kept in the summary. Exit code 1
+    if any pair failed (the summary says which and why).
+    """
+    from wsireg.batches import SUMMARY_CSV
+    from wsireg.batches import batch as run
+    from wsireg.evaluation import format_table
+
+    cluster = _cluster(options)
+    document = run(
+        pairs, out, resume=resume, overwrite=overwrite, **cluster, **register_kwargs(options)
+    )
+    click.echo(format_table(document["pairs"], document["summary"]))
+    counts = document["counts"]
+    click.echo(
+        f"{counts['ok']} of {counts['pairs']} pairs registered in {document['seconds']:.1f} s; "
+        f"summary: {out / SUMMARY_CSV}"
+    )
+    if counts["failed"]:
+        for row in document["pairs"]:
+            if row["status"] != "ok":
+                click.echo(f"wsireg: failed: {row['name']}: {row['error']}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("pairs", type=click.Path(path_type=Path))
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write the metrics (default: RESULTS/evaluation.json).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the JSON if it exists.")
+def evaluate(pairs: Path, results: Path, json_out: Path | None, overwrite: bool) -> None:
+    """ANHIR metrics (rTRE, TRE in um, robustness) of the pairs of PAIRS registered in RESULTS
+    (a `wsireg batch` output)."""
+    from wsireg.evaluation import evaluate as run
+    from wsireg.evaluation import format_table
+
+    json_out = json_out or results / "evaluation.json"
+    document = run(pairs, results, json_out, overwrite=overwrite)
+    click.echo(format_table(document["pairs"], document["summary"]))
+    click.echo(f"metrics: {json_out}")
+
+
+@cli.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory: <name>.ome.zarr, transforms/<name>/, registrations/, stack.json.",
+)
+@click.option(
+    "--reference",
+    type=int,
+    required=True,
+    help="Position (0-based) in SLIDES of the reference section.",
+)
+@cluster_options
+@click.option("--resume", is_flag=True, help="Keep complete outputs, continue the others.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@register_options
+def stack(
+    slides: tuple[Path, ...],
+    out: Path,
+    reference: int,
+    resume: bool,
+    overwrite: bool,
+    **options,
+) -> None:
+    """Register serial sections SLIDES (in order) into the frame of one of them: each to its
+    neighbour towards the reference, transforms composed, every slide interpolated once."""
+    from wsireg.serial import stack as run
+
+    if len(slides) < 2:
+        raise click.UsageError("a stack needs at least two slides")
+    if not 0 <= reference < len(slides):
+        raise click.BadParameter(
+            f"must be a position 0..{len(slides) - 1}", param_hint="--reference"
+        )
+    cluster = _cluster(options)
+    result = run(
+        slides,
+        out,
+        reference,
+        resume=resume,
+        overwrite=overwrite,
+        **cluster,
+        **register_kwargs(options),
+    )
+    for name in result.names:
+        warped = result.warped.get(name)
+        where = f", {warped}" if warped else ""
+        click.echo(f"{name}: transform {result.transforms[name]}{where}")
+    click.echo(f"reference {result.reference}; {result.report['timings_s']['total_s']:.1f} s")
