@@ -42,16 +42,25 @@ def generate(path: Path, size: int, seed: int) -> float | None:
     if path.exists():
         return None
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _GENERATE, str(path), str(size), str(seed)],
-                   check=True, env=_env())
+    subprocess.run(
+        [sys.executable, "-c", _GENERATE, str(path), str(size), str(seed)], check=True, env=_env()
+    )
     return time.perf_counter() - start
 
 
 def convert(slide: Path, out: Path, env: dict[str, str]) -> tuple[float, float, float]:
     """Run ``wsireg convert`` in a fresh process; (wall seconds, CPU seconds, peak RSS MiB) of
     that process."""
-    command = [sys.executable, "-m", "wsireg_cli", "--quiet", "convert", str(slide), str(out),
-               "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "wsireg_cli",
+        "--quiet",
+        "convert",
+        str(slide),
+        str(out),
+        "--overwrite",
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
@@ -89,15 +98,27 @@ def _env(malloc_arena_max: int | None = None) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                        help="comma-separated square slide sides in px (default: %(default)s)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where slides and outputs go (default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the generated slides and the converted outputs")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(map(str, DEFAULT_SIZES)),
+        help="comma-separated square slide sides in px (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where slides and outputs go (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the generated slides and the converted outputs"
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthetic slide seed")
-    parser.add_argument("--malloc-arena-max", type=int, default=None,
-                        help="set MALLOC_ARENA_MAX for the converting process (glibc)")
+    parser.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=None,
+        help="set MALLOC_ARENA_MAX for the converting process (glibc)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 

@@ -91,7 +91,9 @@ def run_child(mode: str, slide: Path, out: Path, transform: Path, threads: int) 
     shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(slide), str(out), str(transform), str(threads)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

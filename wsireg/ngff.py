@@ -43,8 +43,14 @@ from .pyramid import METHODS, downsample2, halved_shapes, level_shapes
 NGFF_VERSIONS = ("0.4", "0.5")
 TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
-_UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6,
-               "centimeter": 1e4, "angstrom": 1e-4}
+_UNIT_TO_UM = {
+    "micrometer": 1.0,
+    "nanometer": 1e-3,
+    "millimeter": 1e3,
+    "meter": 1e6,
+    "centimeter": 1e4,
+    "angstrom": 1e-4,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,9 +72,7 @@ def multiscale_metadata(
     datasets = [
         {
             "path": str(k),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, sy * 2**k, sx * 2**k]}
-            ],
+            "coordinateTransformations": [{"type": "scale", "scale": [1.0, sy * 2**k, sx * 2**k]}],
         }
         for k in range(len(shapes))
     ]
@@ -88,8 +92,15 @@ def omero_metadata(channels: int, dtype: np.dtype) -> dict[str, Any] | None:
     window = {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
     return {
         "channels": [
-            {"label": label, "color": color, "window": dict(window), "active": True,
-             "coefficient": 1.0, "family": "linear", "inverted": False}
+            {
+                "label": label,
+                "color": color,
+                "window": dict(window),
+                "active": True,
+                "coefficient": 1.0,
+                "family": "linear",
+                "inverted": False,
+            }
             for label, color in RGB_CHANNELS
         ],
         "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
@@ -179,9 +190,7 @@ def create_ome_zarr(
             fill_value=fill,
             **options,
         )
-    group.attrs.update(
-        group_attributes(shapes, int(channels), dtype, mpp, name, ngff_version)
-    )
+    group.attrs.update(group_attributes(shapes, int(channels), dtype, mpp, name, ngff_version))
     return group
 
 
@@ -190,8 +199,10 @@ def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
     target = _level_arrays(group)[0]
     c, h, w = target.shape
     if tuple(image.shape) != (h, w, c) or image.dtype != target.dtype:
-        raise ValueError(f"image {tuple(image.shape)} {image.dtype} does not fit level 0 "
-                         f"{(h, w, c)} {target.dtype}")
+        raise ValueError(
+            f"image {tuple(image.shape)} {image.dtype} does not fit level 0 "
+            f"{(h, w, c)} {target.dtype}"
+        )
     source = _aligned(image, target.chunks[1], target.chunks[2]).transpose(2, 0, 1)
     with _threads(), dask_progress("level 0"):
         da.store(source, target, lock=False, compute=True)
@@ -246,8 +257,16 @@ def write_ome_zarr(
     path = Path(path)
     with staged_output(path, overwrite=overwrite) as stage:
         group = create_ome_zarr(
-            stage, image.shape[:2], image.shape[2], image.dtype, mpp=mpp, chunk=chunk,
-            compressor=compressor, levels=levels, ngff_version=ngff_version, name=name,
+            stage,
+            image.shape[:2],
+            image.shape[2],
+            image.dtype,
+            mpp=mpp,
+            chunk=chunk,
+            compressor=compressor,
+            levels=levels,
+            ngff_version=ngff_version,
+            name=name,
         )
         write_level0(group, image)
         build_pyramid(group, downsample_method)
@@ -381,21 +400,32 @@ def write_ome_tiff(
     """
     image = _as_image(image, tile)
     if image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"OME-TIFF output takes (H, W, 3) uint8 RGB, got {image.shape} "
-                         f"{image.dtype}")
+        raise ValueError(
+            f"OME-TIFF output takes (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}"
+        )
     _check_tiff_options(compression, tile)
     path = Path(check_output(path, overwrite))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.levels-") as tmp:
         group = create_ome_zarr(
-            Path(tmp) / "levels.zarr", image.shape[:2], image.shape[2], image.dtype,
-            chunk=tile, compressor=_scratch_compressor(), levels=levels,
+            Path(tmp) / "levels.zarr",
+            image.shape[:2],
+            image.shape[2],
+            image.dtype,
+            chunk=tile,
+            compressor=_scratch_compressor(),
+            levels=levels,
         )
         write_level0(group, image)
         build_pyramid(group)
         return write_ome_tiff_levels(
-            _level_arrays(group), path, mpp=mpp, tile=tile, compression=compression,
-            quality=quality, overwrite=overwrite,
+            _level_arrays(group),
+            path,
+            mpp=mpp,
+            tile=tile,
+            compression=compression,
+            quality=quality,
+            overwrite=overwrite,
         )
 
 
@@ -427,7 +457,8 @@ def write_ome_tiff_levels(
         for k, array in enumerate(levels):
             extra: dict[str, Any] = (
                 {"subifds": len(levels) - 1, "metadata": _ome_metadata(mpp)}
-                if k == 0 else {"subfiletype": 1, "metadata": None}
+                if k == 0
+                else {"subfiletype": 1, "metadata": None}
             )
             if mpp is not None:
                 extra["resolution"] = (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k))
@@ -435,8 +466,12 @@ def write_ome_tiff_levels(
             c, h, w = array.shape
             with progress(_tile_count(h, w, tile), f"OME-TIFF level {k}", "tile") as bar:
                 tif.write(
-                    _tiles(array, tile, bar), shape=(h, w, c), dtype=array.dtype,
-                    photometric="rgb", **options, **extra,
+                    _tiles(array, tile, bar),
+                    shape=(h, w, c),
+                    dtype=array.dtype,
+                    photometric="rgb",
+                    **options,
+                    **extra,
                 )
     return Path(path)
 
@@ -462,8 +497,10 @@ def _ome_metadata(mpp: tuple[float, float] | None) -> dict[str, Any]:
     meta: dict[str, Any] = {"axes": "YXS"}
     if mpp is not None:
         meta.update(
-            PhysicalSizeX=float(mpp[0]), PhysicalSizeXUnit="µm",
-            PhysicalSizeY=float(mpp[1]), PhysicalSizeYUnit="µm",
+            PhysicalSizeX=float(mpp[0]),
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeY=float(mpp[1]),
+            PhysicalSizeYUnit="µm",
         )
     return meta
 
@@ -477,9 +514,7 @@ def _tiles(array: zarr.Array, tile: int, bar: Any, span: int = 16) -> Iterator[n
     smaller), reading ``span`` tiles at a time one group ahead in a background thread."""
     _, h, w = array.shape
     groups = [
-        (y, x, min(x + span * tile, w))
-        for y in range(0, h, tile)
-        for x in range(0, w, span * tile)
+        (y, x, min(x + span * tile, w)) for y in range(0, h, tile) for x in range(0, w, span * tile)
     ]
 
     def read(group: tuple[int, int, int]) -> np.ndarray:
@@ -517,9 +552,7 @@ def _check_version(ngff_version: str) -> None:
         raise ValueError(f"unsupported NGFF version {ngff_version!r}; use one of {NGFF_VERSIONS}")
 
 
-def _plan_levels(
-    shape_yx: Sequence[int], chunk: int, levels: int | None
-) -> list[tuple[int, int]]:
+def _plan_levels(shape_yx: Sequence[int], chunk: int, levels: int | None) -> list[tuple[int, int]]:
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     if levels is None:
@@ -542,7 +575,8 @@ def _as_v3_codec(codec: Any) -> Any:
     if kind == "blosc":
         shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle", -1: "shuffle"}
         return BloscCodec(
-            cname=config["cname"], clevel=config["clevel"],
+            cname=config["cname"],
+            clevel=config["clevel"],
             shuffle=shuffle[config.get("shuffle", 1)],
         )
     if kind == "zstd":
@@ -603,6 +637,3 @@ def _threads() -> Iterator[None]:
             yield
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-

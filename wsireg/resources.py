@@ -50,4 +50,3 @@ def limit_malloc_arenas(arenas: int | None = None) -> None:
         libc.mallopt(m_arena_max, int(arenas or max(2, os.cpu_count() or 2)))
     except (OSError, AttributeError):
         pass
-
