@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli
+from .main import cli, quiet_option
 from .register import register_kwargs, register_options
 
 
@@ -53,6 +53,7 @@ def _cluster(options: dict) -> dict:
 
 
 @cli.command()
+@quiet_option
 @click.argument("pairs", type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -94,6 +95,7 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> N
 
 
 @cli.command()
+@quiet_option
 @click.argument("pairs", type=click.Path(path_type=Path))
 @click.argument("results", type=click.Path(path_type=Path))
 @click.option(
@@ -117,6 +119,7 @@ def evaluate(pairs: Path, results: Path, json_out: Path | None, overwrite: bool)
 
 
 @cli.command()
+@quiet_option
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",

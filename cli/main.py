@@ -39,6 +39,24 @@ def cli(quiet: bool) -> None:
     set_quiet(quiet)
 
 
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        set_quiet(True)
+
+
+def quiet_option(function):  # type: ignore[no-untyped-def]
+    """``-q/--quiet`` after the verb too (``wsireg register --quiet ...``)."""
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_quiet,
+        help="No progress bars.",
+    )(function)
+
+
 def main() -> None:
     cli()
 

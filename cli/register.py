@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli
+from .main import cli, quiet_option
 
 
 def register_options(function):  # type: ignore[no-untyped-def]
@@ -76,6 +76,7 @@ def register_kwargs(options: dict) -> dict:
 
 
 @cli.command()
+@quiet_option
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option(
@@ -106,6 +107,7 @@ def register(
 
 
 @cli.command()
+@quiet_option
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--size", default=4096, show_default=True, help="Side of the synthetic slides.")
 @click.option("--seed", default=7, show_default=True)
@@ -119,6 +121,7 @@ def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
 
 
 @cli.command()
+@quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option(
     "-o",

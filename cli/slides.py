@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from .main import cli
+from .main import cli, quiet_option
 
 
 @cli.command()
+@quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 def info(slide: Path, as_json: bool) -> None:
@@ -51,6 +52,7 @@ def output_format(path: Path, given: str | None) -> str:
 
 
 @cli.command()
+@quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from .main import cli
+from .main import cli, quiet_option
 
 TRANSFORM = click.Path(path_type=Path)
 
 
 @cli.command()
+@quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -108,6 +109,7 @@ def _direction(inverse: bool) -> str:
 
 
 @cli.command("warp-points")
+@quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("points", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
@@ -134,6 +136,7 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
 
 
 @cli.command("warp-geojson")
+@quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("annotations", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
