@@ -23,7 +23,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,7 @@ def register(
             else target_ref.level_downsample(level)
         )
         if levels is None:
-            settings = _replace(settings, levels=default_levels(target_ref, finest))
+            settings = replace(settings, levels=default_levels(target_ref, finest))
 
         start = time.perf_counter()
         affine, align_info, thumbs = _align(source_read, target_read, work, resume)
@@ -300,12 +300,6 @@ def _settings(
     }
     steps = refine if refine is not None else (0 if model is not None else 40)
     return SchedulerSettings(**chosen, refine=RefineSettings(steps=steps))
-
-
-def _replace(settings: SchedulerSettings, **changes: Any) -> SchedulerSettings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
 
 
 @dataclass
