@@ -62,4 +62,4 @@ def main() -> None:
 
 
 # Each module adds its verbs to `cli` (imported last: they import `cli` from here).
-from . import batch, register, slides, transforms  # noqa: E402,F401
+from . import batch, register, slides, train, transforms  # noqa: E402,F401

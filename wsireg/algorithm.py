@@ -155,8 +155,14 @@ class GroupTrainer:
     ``alpha`` weighs the curvature term of ``-NCC + alpha * CURV``. ``max_groups`` (``None`` =
     all, as in the paper) trains at most that many randomly chosen groups per iteration and only
     predicts the others; on a CPU this balances the optimiser steps of the fine levels (many
-    patches) against the coarse ones (few) at a fraction of the cost. ``losses`` collects the
-    loss of every trained group.
+    patches) against the coarse ones (few) at a fraction of the cost. ``supervision`` (``beta``,
+    default 0 = the paper's unsupervised loss) adds ``beta * mean_x |v_t(x) - r(x)|`` (end-point
+    error in pixels) when the caller knows the residual field ``r`` still to be found (synthetic
+    pairs; see :func:`register_level`'s ``target``). With ``shuffle`` (default) the patches of
+    an iteration are put in random order before grouping, so that each optimiser step sees
+    patches of every image of the batch instead of neighbours of one image (the predictions are
+    put back in place before folding). ``losses`` collects the loss of every trained group
+    (similarity + regulariser + supervision).
     """
 
     optimizer: torch.optim.Optimizer
@@ -164,6 +170,8 @@ class GroupTrainer:
     max_groups: int | None = None
     generator: torch.Generator | None = None
     losses: list[float] = field(default_factory=list)
+    supervision: float = 0.0
+    shuffle: bool = True
 
     def select(self, n_groups: int) -> set[int]:
         """Indices of the groups to train among ``n_groups``."""
@@ -173,17 +181,26 @@ class GroupTrainer:
         return {int(k) for k in order[: self.max_groups]}
 
     def step(
-        self, net: nn.Module, moving: Tensor, fixed: Tensor, loss_moving: Tensor, loss_fixed: Tensor
+        self,
+        net: nn.Module,
+        moving: Tensor,
+        fixed: Tensor,
+        loss_moving: Tensor,
+        loss_fixed: Tensor,
+        target: Tensor | None = None,
     ) -> Tensor:
         """Forward, warp, loss, backward, optimiser step for one group; returns the (detached)
         prediction ``(g, 2, P, P)``. ``loss_*`` are the images the similarity compares (the
-        network inputs themselves unless the caller provides stain-free counterparts)."""
+        network inputs themselves unless the caller provides stain-free counterparts);
+        ``target`` ``(g, 2, P, P)`` the known residual field, used if ``supervision > 0``."""
         net.train()
         pred = net(moving, fixed)
         # edge replication: padding with background would bias the NCC towards small
         # displacements wherever the warp looks beyond the patch
         warped = fields.warp_image(loss_moving, pred, padding="border")
         loss = losses.registration_loss(warped, loss_fixed, pred, self.alpha)
+        if self.supervision > 0 and target is not None:
+            loss = loss + self.supervision * torch.linalg.vector_norm(pred - target, dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -201,11 +218,19 @@ def _predict_iteration(
     group: int,
     channels: int,
     trainer: GroupTrainer | None,
+    target_patches: Tensor | None = None,
 ) -> Tensor:
     """Displacements of all patches ``(L, 2, P, P)``, ``group`` at a time. Patches carry the
     network input in their first ``channels`` channels and the loss images after them."""
     n = moving_patches.shape[0]
     chosen = trainer.select(tiling.num_groups(n, group)) if trainer is not None else set()
+    order = None
+    if trainer is not None and trainer.shuffle:
+        # training: groups mix patches of all images of the batch (decorrelated steps)
+        order = torch.randperm(n, generator=trainer.generator).to(moving_patches.device)
+        moving_patches, fixed_patches = moving_patches[order], fixed_patches[order]
+        if target_patches is not None:
+            target_patches = target_patches[order]
     outs = []
     for k, sl in enumerate(tiling.groups(n, group)):
         mov, fix = moving_patches[sl], fixed_patches[sl]
@@ -213,13 +238,21 @@ def _predict_iteration(
             assert trainer is not None
             loss_m = mov[:, channels:] if mov.shape[1] > channels else mov
             loss_f = fix[:, channels:] if fix.shape[1] > channels else fix
-            outs.append(trainer.step(net, mov[:, :channels], fix[:, :channels], loss_m, loss_f))
+            tgt = None if target_patches is None else target_patches[sl]
+            outs.append(
+                trainer.step(net, mov[:, :channels], fix[:, :channels], loss_m, loss_f, tgt)
+            )
         else:
             with torch.no_grad():
                 outs.append(net(mov[:, :channels], fix[:, :channels]))
     if not outs:
         return moving_patches.new_zeros((0, 2, *moving_patches.shape[-2:]))
-    return torch.cat(outs)
+    preds = torch.cat(outs)
+    if order is None:
+        return preds
+    restored = torch.empty_like(preds)
+    restored[order] = preds
+    return restored
 
 
 def register_level(
@@ -234,6 +267,7 @@ def register_level(
     trainer: GroupTrainer | None = None,
     loss_moving: Tensor | None = None,
     loss_fixed: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
     """The field ``v`` ``(N, 2, H, W)`` of one pyramid level, in pixels of the level.
 
@@ -249,6 +283,9 @@ def register_level(
         loss_moving, loss_fixed: optional ``(N, C', H, W)`` images compared by the training loss
             instead of the network inputs (warped and tiled exactly like them), e.g. both in the
             same stain while the network sees two different stains.
+        target: optional ``(N, 2, H, W)`` field with ``fixed(x) = moving(x + target(x))``
+            (known for synthetic training pairs); iteration ``m`` supervises with the residual
+            ``target - v`` (first order) when the trainer's ``supervision > 0``.
 
     Returns:
         ``v`` with ``fixed(x) ~ moving(x + v(x))``: ``Algorithm 1``'s level field, on
@@ -271,7 +308,13 @@ def register_level(
     for it in range(iterations):
         warped = mov_all if it == 0 else fields.warp_image(mov_all, v, padding=BACKGROUND)
         moving_patches, _ = tiling.unfold(warped, patch, stride, "constant", BACKGROUND)
-        preds = _predict_iteration(net, moving_patches, fixed_patches, group, channels, trainer)
+        target_patches = None
+        if target is not None and trainer is not None and trainer.supervision > 0:
+            residual = target.to(device) - v
+            target_patches, _ = tiling.unfold(residual, patch, stride, "replicate")
+        preds = _predict_iteration(
+            net, moving_patches, fixed_patches, group, channels, trainer, target_patches
+        )
         v_it = tiling.fold_centres(preds, geometry)
         v = fields.compose(v, v_it)
     return v.to(out_device)
@@ -300,6 +343,7 @@ def register_pyramid(
     trainers: Sequence[GroupTrainer] | None = None,
     loss_moving: Tensor | None = None,
     loss_fixed: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 1 on a whole (small) image pair held in memory.
 
@@ -318,6 +362,8 @@ def register_pyramid(
             registering; ``None`` for inference (no autograd).
         loss_moving, loss_fixed: optional RGB images compared by the training loss instead of
             ``moving``/``fixed`` (see :func:`register_level`).
+        target: optional known field ``(N, 2, H, W)`` (input pixels) for supervised training
+            terms; level ``k`` is given ``resize(target) - u_k`` (first order).
 
     Returns:
         ``u`` ``(N, 2, H, W)`` in pixels of the input grid, ``fixed(x) ~ moving(x + u(x))``:
@@ -354,6 +400,10 @@ def register_pyramid(
 
     pyr_m, pyr_f = pyramid(moving), pyramid(fixed)
     pyr_lm, pyr_lf = pyramid(loss_moving), pyramid(loss_fixed)
+    full_target = None
+    if target is not None:
+        ph, pw = (-h) % multiple, (-w) % multiple
+        full_target = F.pad(target.to(device), (0, pw, 0, ph), mode="replicate")
     first = top + 1 - n_levels
     u: Tensor | None = None
     context = torch.no_grad() if trainers is None else torch.enable_grad()
@@ -362,6 +412,10 @@ def register_pyramid(
             size = tuple(pyr_m[k].shape[-2:])
             # coarsest level: u = 0, no interpolation; then upsample u and warp the level images
             u = None if u is None else fields.resize_field(u, size)
+            level_target = None
+            if full_target is not None:
+                t_k = fields.resize_field(full_target, size)
+                level_target = t_k if u is None else t_k - u
             v = register_level(
                 model[first + k],
                 _warp_optional(pyr_m[k], u),
@@ -373,6 +427,7 @@ def register_pyramid(
                 trainer=None if trainers is None else trainers[k],
                 loss_moving=_warp_optional(pyr_lm[k], u),
                 loss_fixed=pyr_lf[k],
+                target=level_target,
             )
             u = v if u is None else fields.compose(u, v)
     assert u is not None

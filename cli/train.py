@@ -1,0 +1,122 @@
+"""``wsireg train``: train the multi-level registration network (unsupervised, on CPU or GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli
+
+# CLI option name -> TrainConfig field (only options that were given override the config).
+_OVERRIDES = (
+    "levels",
+    "iterations",
+    "patch",
+    "stride",
+    "group",
+    "train_groups",
+    "supervision",
+    "supervision_epochs",
+    "alpha",
+    "lr",
+    "lr_decay",
+    "epochs",
+    "steps_per_epoch",
+    "batch",
+    "crop",
+    "max_displacement",
+    "stain_loss",
+    "seed",
+    "threads",
+)
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Model directory (model.pt, log.csv, checkpoint.pt, ...).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run checkpointed in OUT.")
+@click.option("--epochs", type=int, help="Number of epochs (with --resume: the new total).")
+@click.option("--steps-per-epoch", type=int, help="Training steps per epoch.")
+@click.option("--batch", type=int, help="Pairs per training step.")
+@click.option("--levels", type=int, help="Pyramid levels N (one network each).")
+@click.option("--iterations", type=int, help="Iterations M per level.")
+@click.option("--patch", type=int, help="Patch side P (multiple of 32).")
+@click.option("--stride", type=int, help="Stride S (P - S even).")
+@click.option("--group", type=int, help="Group size G (patches per optimiser step).")
+@click.option(
+    "--train-groups",
+    type=int,
+    help="Groups trained per level and iteration (others only predicted); 0 = all.",
+)
+@click.option("--alpha", type=float, help="Curvature weight in -NCC + alpha*CURV.")
+@click.option("--lr", type=float, help="Initial Adam learning rate.")
+@click.option("--lr-decay", type=float, help="Per-epoch learning-rate factor.")
+@click.option("--crop", type=int, help="Training pair side at the finest level (px).")
+@click.option("--max-displacement", type=float, help="Largest random displacement (px).")
+@click.option(
+    "--stain-loss",
+    type=click.Choice(["same", "cross"]),
+    help="Loss on both sides in the original stain (same) or on the inputs (cross).",
+)
+@click.option(
+    "--supervision",
+    type=float,
+    help="Initial weight of the end-point error to the synthetic truth (0 = off).",
+)
+@click.option("--supervision-epochs", type=int, help="Epochs over which it decays to 0.")
+@click.option("--seed", type=int, help="Random seed (data and initialisation).")
+@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option(
+    "--slides-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder with the real training slides (default: ../shared/data/slides).",
+)
+def train(
+    config: Path | None, out_dir: Path, resume: bool, slides_dir: Path | None, **options: object
+) -> None:
+    """Train per-level U-Nets with Algorithm 1's training branch and save OUT/model.pt.
+
+    CONFIG is an optional JSON object of training options (see wsireg.train.TrainConfig);
+    command-line options override it. With --resume the configuration stored in OUT is used
+    (only --epochs may change it).
+    """
+    from wsireg.errors import InputError
+    from wsireg.train import CONFIG, TrainConfig
+    from wsireg.train import train as run_train
+
+    given = {k: v for k, v in options.items() if v is not None and k in _OVERRIDES}
+    if given.get("train_groups") == 0:
+        given["train_groups"] = None
+    stored = out_dir / CONFIG
+    if resume and stored.is_file():
+        source, data = stored, json.loads(stored.read_text())
+        extra = set(given) - {"epochs", "threads"}
+        if extra:
+            raise click.UsageError(f"--resume uses the stored config; cannot change {extra}")
+    elif config is not None:
+        source = config
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(config, f"not a JSON training config ({exc})") from exc
+    else:
+        source, data = None, {}
+    data.update(given)
+    try:
+        cfg = TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise InputError(source or out_dir, str(exc)) from exc
+    model = run_train(cfg, out_dir, resume=resume, slides_dir=slides_dir)
+    click.echo(str(out_dir / "model.pt"))
+    final = model.metadata.get("training", {}).get("final_loss")
+    if final is not None:
+        click.echo(f"final loss {final:.4f}", err=True)

@@ -1,0 +1,213 @@
+"""Algorithm 1 on tensors: plumbing checked with fake networks, then the shipped model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from wsireg import field
+from wsireg.algorithm import (
+    GroupTrainer,
+    build_pyramid,
+    inference_settings,
+    network_input,
+    pad_to_multiple,
+    register_level,
+    register_pyramid,
+)
+from wsireg.network import MultiLevelModel, UNet, UNetConfig, default_weights_path
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class ConstantNet(nn.Module):
+    """Predicts the same displacement ``(dx, dy)`` everywhere (a stand-in for a U-Net)."""
+
+    def __init__(self, dx: float, dy: float) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor([dx, dy]))
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        ones = moving.new_ones(moving.shape[0], 1, *moving.shape[-2:])
+        return self.value.reshape(1, 2, 1, 1) * ones
+
+
+def _texture(h: int, w: int, seed: int = 0) -> Tensor:
+    """A smooth random ``(1, 1, h, w)`` image in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 1, h // 8 + 2, w // 8 + 2, generator=g)
+    img = torch.nn.functional.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
+    return img.clamp(0, 1)
+
+
+def test_untrained_network_gives_an_almost_zero_field() -> None:
+    torch.manual_seed(0)
+    net = UNet().eval()
+    a, b = _texture(150, 200, 1), _texture(150, 200, 2)
+    v = register_level(net, a, b, iterations=2, patch=64, stride=32, group=5)
+    assert v.shape == (1, 2, 150, 200)
+    assert float(v.abs().max()) < 0.01  # the last layer starts at ~1e-5
+
+
+def test_iterations_compose_the_level_field() -> None:
+    # a constant prediction c composed M times is M c (fold keeps the centres exactly)
+    net = ConstantNet(1.5, -0.5)
+    img = _texture(100, 70)
+    v = register_level(net, img, img, iterations=3, patch=64, stride=32, group=4)
+    assert torch.allclose(v[:, 0], torch.full_like(v[:, 0], 4.5), atol=1e-5)
+    assert torch.allclose(v[:, 1], torch.full_like(v[:, 1], -1.5), atol=1e-5)
+
+
+def test_group_size_does_not_change_the_result() -> None:
+    torch.manual_seed(3)
+    net = UNet(UNetConfig(widths=(8, 8, 16, 16, 16), head_width=8)).eval()
+    with torch.no_grad():
+        net.head[-1].weight.normal_(0, 0.05)  # a non-trivial field
+    a, b = _texture(96, 128, 4), _texture(96, 128, 5)
+    v1 = register_level(net, a, b, iterations=2, patch=64, stride=32, group=1)
+    v2 = register_level(net, a, b, iterations=2, patch=64, stride=32, group=100)
+    assert float(v1.abs().max()) > 0.05
+    assert torch.allclose(v1, v2, atol=1e-4)  # conv kernels may sum in another order
+
+
+def test_pyramid_upsamples_and_composes_between_levels() -> None:
+    # levels coarse -> fine each predict c in their own pixels: 2 c (coarse, upsampled) + c
+    model = MultiLevelModel.uniform(2, UNetConfig())
+    model.levels = nn.ModuleList([ConstantNet(1.0, 0.25), ConstantNet(1.0, 0.25)])
+    rgb = (torch.rand(1, 3, 75, 61) * 255).to(torch.uint8)  # odd sizes: padded, then cropped
+    u = register_pyramid(model, rgb, rgb, iterations=1, patch=64, stride=32, group=8)
+    assert u.shape == (1, 2, 75, 61)
+    assert torch.allclose(u[:, 0], torch.full_like(u[:, 0], 3.0), atol=1e-4)
+    assert torch.allclose(u[:, 1], torch.full_like(u[:, 1], 0.75), atol=1e-4)
+    # one level (the finest network only)
+    u1 = register_pyramid(model, rgb, rgb, levels=1, iterations=1, patch=64, stride=32)
+    assert torch.allclose(u1[:, 0], torch.full_like(u1[:, 0], 1.0), atol=1e-5)
+
+
+def test_pyramid_and_padding_helpers() -> None:
+    img = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
+    padded = pad_to_multiple(img, 4, value=-1.0)
+    assert padded.shape == (1, 2, 8, 8)
+    assert torch.equal(padded[..., :5, :6], img) and float(padded[..., 5:, :].max()) == -1.0
+    pyr = build_pyramid(padded, 3)
+    assert [p.shape[-1] for p in pyr] == [2, 4, 8]
+    assert torch.allclose(pyr[0].mean(), padded.mean())
+    with pytest.raises(ValueError):
+        build_pyramid(img, 2)
+
+
+def test_network_input_is_one_channel_with_zero_background() -> None:
+    rgb = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    rgb[..., 1:3, 1:3] = torch.tensor([120, 60, 140], dtype=torch.uint8).reshape(1, 3, 1, 1)
+    rep = network_input(rgb)
+    assert rep.shape == (1, 1, 4, 4)
+    assert float(rep[..., 0, 0]) == 0.0 and float(rep[..., 1, 1]) > 0.3
+
+
+def test_trainer_steps_only_the_selected_groups() -> None:
+    net = ConstantNet(0.0, 0.0)
+    calls = []
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[override]
+            calls.append(1)
+            return super().step(closure)
+
+    trainer = GroupTrainer(Counting(net.parameters(), lr=0.0), alpha=1.0, max_groups=2)
+    img = _texture(128, 128)
+    register_level(net, img, img, iterations=3, patch=64, stride=32, group=3, trainer=trainer)
+    assert len(calls) == 3 * 2  # 16 patches = 6 groups of <= 3; 2 trained per iteration
+    assert len(trainer.losses) == 6
+
+
+def test_training_branch_moves_a_translation_net_towards_the_truth() -> None:
+    # fixed(x) = moving(x + t) for "tissue" on a zero background: minimising -NCC drives a
+    # constant-field "network" to t
+    moving = torch.nn.functional.pad(_texture(64, 64, 7), (16, 16, 16, 16))
+    t = torch.tensor([2.0, -1.0]).reshape(1, 2, 1, 1).expand(1, 2, 96, 96)
+    fixed = field.warp_image(moving, t, padding=0.0)
+    net = ConstantNet(0.0, 0.0)
+    trainer = GroupTrainer(torch.optim.Adam(net.parameters(), lr=0.1), alpha=0.0)
+    for _ in range(20):
+        register_level(
+            net, moving, fixed, iterations=1, patch=64, stride=32, group=4, trainer=trainer
+        )
+    assert torch.allclose(net.value.detach(), torch.tensor([2.0, -1.0]), atol=0.25)
+    assert trainer.losses[-1] < trainer.losses[0] - 0.05
+
+
+class ContentNet(nn.Module):
+    """An input-dependent stand-in: ``u = w * (moving - fixed)`` in both channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        return self.w * torch.cat((moving - fixed, fixed - moving), dim=1)
+
+
+def test_training_mode_shuffles_groups_but_returns_the_inference_field() -> None:
+    # with a zero learning rate, training only reorders the patches into groups: the folded
+    # field must equal the inference one (every prediction is put back in place)
+    net = ContentNet()
+    a = torch.cat([_texture(96, 96, 11), _texture(96, 96, 12)])
+    b = torch.cat([_texture(96, 96, 13), _texture(96, 96, 14)])
+    ref = register_level(net, a, b, iterations=2, patch=64, stride=32, group=3)
+    trainer = GroupTrainer(
+        torch.optim.SGD(net.parameters(), lr=0.0),
+        alpha=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    got = register_level(net, a, b, iterations=2, patch=64, stride=32, group=3, trainer=trainer)
+    assert float(ref.abs().max()) > 0.1
+    assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_supervision_pulls_towards_the_known_residual() -> None:
+    # blank images carry no similarity gradient: only the end-point-error term acts
+    blank = torch.zeros(1, 1, 64, 64)
+    target = torch.tensor([1.0, -0.5]).reshape(1, 2, 1, 1).expand(1, 2, 64, 64)
+    net = ConstantNet(0.0, 0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    trainer = GroupTrainer(opt, alpha=0.0, supervision=1.0)
+    for _ in range(30):
+        register_level(
+            net, blank, blank, iterations=1, patch=64, stride=32, trainer=trainer, target=target
+        )
+    assert torch.allclose(net.value.detach(), torch.tensor([1.0, -0.5]), atol=0.1)
+    # without supervision the same run does not move
+    still = ConstantNet(0.0, 0.0)
+    plain = GroupTrainer(torch.optim.Adam(still.parameters(), lr=0.05), alpha=0.0)
+    register_level(
+        still, blank, blank, iterations=1, patch=64, stride=32, trainer=plain, target=target
+    )
+    assert float(still.value.detach().abs().max()) < 1e-6
+
+
+def _epe(u: Tensor, truth: Tensor, mask: Tensor) -> float:
+    return float(torch.linalg.vector_norm(u - truth, dim=1)[mask].mean())
+
+
+@pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
+def test_shipped_model_registers_a_synthetic_pair_better_than_identity() -> None:
+    from wsireg.network import load_default
+    from wsireg.synthetic import get_texture, synthetic_pair
+
+    model = load_default()
+    assert inference_settings(model).patch % 32 == 0
+    shape, seed = (256, 256), 912  # an evaluation seed (training uses 100..107)
+    source, target, truth = synthetic_pair(
+        shape, seed, max_displacement=10.0, texture_downsample=2.0
+    )
+    src = torch.from_numpy(np.asarray(source)).permute(2, 0, 1)[None]
+    tgt = torch.from_numpy(np.asarray(target)).permute(2, 0, 1)[None]
+    true_u = torch.from_numpy(truth.field(shape))[None]  # target -> source, level-0 px
+    tissue = get_texture(seed, shape, 2.0).structure(0, 0, *shape)[..., 3] > 0.5
+    mask = torch.from_numpy(tissue)[None]
+    u = register_pyramid(model, src, tgt)
+    before = _epe(torch.zeros_like(u), true_u, mask)
+    after = _epe(u, true_u, mask)
+    assert after < 0.6 * before, (before, after)
