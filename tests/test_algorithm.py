@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from wsireg import field
+from wsireg import field, tiling
 from wsireg.algorithm import (
     GroupTrainer,
+    PatchCounts,
     build_pyramid,
+    has_tissue,
     inference_settings,
     network_input,
     pad_to_multiple,
@@ -70,6 +72,43 @@ def test_group_size_does_not_change_the_result() -> None:
     v2 = register_level(net, a, b, iterations=2, patch=64, stride=32, group=100)
     assert float(v1.abs().max()) > 0.05
     assert torch.allclose(v1, v2, atol=1e-4)  # conv kernels may sum in another order
+
+
+class CountingNet(ConstantNet):
+    """A :class:`ConstantNet` that counts the patches it is given."""
+
+    def __init__(self, dx: float, dy: float) -> None:
+        super().__init__(dx, dy)
+        self.seen = 0
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        self.seen += moving.shape[0]
+        return super().forward(moving, fixed)
+
+
+def test_inference_skips_patches_that_are_blank_on_both_sides() -> None:
+    # tissue in the left 64 columns of the fixed image, in the top-right corner of the moving
+    # one, nothing elsewhere: 4 x 6 patches at stride 32, of which those touching either are run
+    fixed = torch.zeros(1, 1, 128, 192)
+    fixed[..., :, :64] = _texture(128, 64)
+    moving = torch.zeros_like(fixed)
+    moving[..., :32, 160:] = 0.5
+    net, counts = CountingNet(1.0, 0.0), PatchCounts()
+    v = register_level(
+        net, moving, fixed, iterations=1, patch=64, stride=32, group=5, counts=counts
+    )
+    geometry = tiling.unfold(fixed, 64, 32)[1]
+    run = has_tissue(tiling.unfold(fixed, 64, 32, "constant")[0]) | has_tissue(
+        tiling.unfold(moving, 64, 32, "constant")[0]
+    )
+    assert counts.run == net.seen == int(run.sum()) and counts.skipped == int((~run).sum()) > 0
+    # run patches keep the prediction in their centres, skipped ones stay zero
+    expected = tiling.fold_centres(run.float()[:, None, None, None].expand(-1, 2, 64, 64), geometry)
+    assert torch.equal(v[:, 0], expected[:, 0]) and float(v[:, 1].abs().max()) == 0.0
+    # a blank pair never calls the network; training still sees every patch
+    blank = torch.zeros(1, 1, 64, 64)
+    assert float(register_level(net, blank, blank, patch=64, stride=32).abs().max()) == 0.0
+    assert net.seen == counts.run
 
 
 def test_pyramid_upsamples_and_composes_between_levels() -> None:

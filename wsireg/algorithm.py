@@ -58,7 +58,9 @@ __all__ = [
     "DEFAULTS",
     "GroupTrainer",
     "InferenceSettings",
+    "PatchCounts",
     "build_pyramid",
+    "has_tissue",
     "inference_settings",
     "network_input",
     "pad_to_multiple",
@@ -69,6 +71,25 @@ __all__ = [
 BACKGROUND = 0.0
 """Value of slide background (white) in every network representation (zero optical density);
 used to pad patches and to fill warped images outside the moving image."""
+
+TISSUE_LEVEL = 0.06
+"""Network-representation value (optical-density magnitude, 0..1) above which a pixel is tissue."""
+TISSUE_SHARE = 0.002
+"""Share of tissue pixels below which a patch (or a scheduler block) counts as background."""
+
+
+def has_tissue(images: Tensor) -> Tensor:
+    """Per item of ``(L, C, H, W)`` network-representation images: more than
+    :data:`TISSUE_SHARE` of the pixels above :data:`TISSUE_LEVEL` (bool ``(L,)``)."""
+    return (images > TISSUE_LEVEL).flatten(1).float().mean(dim=1) > TISSUE_SHARE
+
+
+@dataclass
+class PatchCounts:
+    """Patches seen by the network and patches skipped as background (both sides blank)."""
+
+    run: int = 0
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,11 +240,15 @@ def _predict_iteration(
     channels: int,
     trainer: GroupTrainer | None,
     target_patches: Tensor | None = None,
+    counts: PatchCounts | None = None,
 ) -> Tensor:
     """Displacements of all patches ``(L, 2, P, P)``, ``group`` at a time. Patches carry the
-    network input in their first ``channels`` channels and the loss images after them."""
+    network input in their first ``channels`` channels and the loss images after them.
+    Inference skips background patches (:func:`_infer_tissue_patches`); training sees all."""
     n = moving_patches.shape[0]
-    chosen = trainer.select(tiling.num_groups(n, group)) if trainer is not None else set()
+    if trainer is None:
+        return _infer_tissue_patches(net, moving_patches, fixed_patches, group, channels, counts)
+    chosen = trainer.select(tiling.num_groups(n, group))
     order = None
     if trainer is not None and trainer.shuffle:
         # training: groups mix patches of all images of the batch (decorrelated steps)
@@ -235,7 +260,6 @@ def _predict_iteration(
     for k, sl in enumerate(tiling.groups(n, group)):
         mov, fix = moving_patches[sl], fixed_patches[sl]
         if k in chosen:
-            assert trainer is not None
             loss_m = mov[:, channels:] if mov.shape[1] > channels else mov
             loss_f = fix[:, channels:] if fix.shape[1] > channels else fix
             tgt = None if target_patches is None else target_patches[sl]
@@ -255,6 +279,32 @@ def _predict_iteration(
     return restored
 
 
+def _infer_tissue_patches(
+    net: nn.Module,
+    moving_patches: Tensor,
+    fixed_patches: Tensor,
+    group: int,
+    channels: int,
+    counts: PatchCounts | None,
+) -> Tensor:
+    """Inference: the network runs, ``group`` at a time, only on patches where either side has
+    tissue (:func:`has_tissue`); patches blank on both sides get a zero displacement (what the
+    network would predict there is noise, and skipping them saves most of the work on slides
+    that are largely glass)."""
+    mov_in, fix_in = moving_patches[:, :channels], fixed_patches[:, :channels]
+    keep = has_tissue(mov_in) | has_tissue(fix_in)
+    index = torch.nonzero(keep).flatten()
+    if counts is not None:
+        counts.run += int(index.numel())
+        counts.skipped += int(keep.numel() - index.numel())
+    preds = moving_patches.new_zeros((moving_patches.shape[0], 2, *moving_patches.shape[-2:]))
+    for sl in tiling.groups(int(index.numel()), group):
+        chosen = index[sl]
+        with torch.no_grad():
+            preds[chosen] = net(mov_in[chosen], fix_in[chosen]).to(preds.dtype)
+    return preds
+
+
 def register_level(
     net: nn.Module,
     moving: Tensor,
@@ -268,6 +318,7 @@ def register_level(
     loss_moving: Tensor | None = None,
     loss_fixed: Tensor | None = None,
     target: Tensor | None = None,
+    counts: PatchCounts | None = None,
 ) -> Tensor:
     """The field ``v`` ``(N, 2, H, W)`` of one pyramid level, in pixels of the level.
 
@@ -286,6 +337,8 @@ def register_level(
         target: optional ``(N, 2, H, W)`` field with ``fixed(x) = moving(x + target(x))``
             (known for synthetic training pairs); iteration ``m`` supervises with the residual
             ``target - v`` (first order) when the trainer's ``supervision > 0``.
+        counts: optional tally of the patches run and skipped as background (inference only
+            skips: a patch blank on both sides keeps a zero displacement).
 
     Returns:
         ``v`` with ``fixed(x) ~ moving(x + v(x))``: ``Algorithm 1``'s level field, on
@@ -313,7 +366,7 @@ def register_level(
             residual = target.to(device) - v
             target_patches, _ = tiling.unfold(residual, patch, stride, "replicate")
         preds = _predict_iteration(
-            net, moving_patches, fixed_patches, group, channels, trainer, target_patches
+            net, moving_patches, fixed_patches, group, channels, trainer, target_patches, counts
         )
         v_it = tiling.fold_centres(preds, geometry)
         v = fields.compose(v, v_it)

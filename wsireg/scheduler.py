@@ -36,16 +36,11 @@ import numpy as np
 import torch
 
 from . import tiling
-from .algorithm import network_input, register_level
+from .algorithm import PatchCounts, has_tissue, network_input, register_level
 from .coords import to_level0
 from .refine import RefineSettings, refine_field
 from .transform import SlideRef, Stage, Transform, create_field
 from .warp import warp_block
-
-#: Optical-density magnitude (network representation, 0..1) above which a pixel is tissue.
-TISSUE_LEVEL = 0.06
-#: Minimum share of tissue pixels for a block to be registered.
-TISSUE_SHARE = 0.002
 
 
 @dataclass(frozen=True)
@@ -77,8 +72,12 @@ class LevelReport:
     shape: tuple[int, int]
     blocks: int = 0
     skipped: int = 0
+    """Blocks with no tissue on either side (no network, no refinement)."""
     resumed: int = 0
     patches: int = 0
+    """Network patch evaluations (patches x iterations) on tissue."""
+    background_patches: int = 0
+    """Patch evaluations skipped as background inside registered blocks."""
     network_s: float = 0.0
     refine_s: float = 0.0
     read_s: float = 0.0
@@ -279,6 +278,7 @@ class _Level:
         v = None
         if self.net is not None:
             start = time.perf_counter()
+            counts = PatchCounts()
             with torch.inference_mode():
                 v = register_level(
                     self.net,
@@ -288,12 +288,12 @@ class _Level:
                     patch=cfg.patch,
                     stride=cfg.stride,
                     group=cfg.group,
+                    counts=counts,
                 )
             v = v.clone()  # leave inference mode: refinement needs autograd
             report.network_s += time.perf_counter() - start
-            rows = -(-fixed.shape[-2] // cfg.stride)
-            cols = -(-fixed.shape[-1] // cfg.stride)
-            report.patches += rows * cols * cfg.iterations
+            report.patches += counts.run
+            report.background_patches += counts.skipped
         steps = cfg.refine.steps_at(self.index)
         if steps > 0:
             start = time.perf_counter()
@@ -317,4 +317,4 @@ def _to_tensor(rgb: np.ndarray, representation: str, device: str) -> torch.Tenso
 
 
 def _has_tissue(image: torch.Tensor) -> bool:
-    return bool((image > TISSUE_LEVEL).float().mean() > TISSUE_SHARE)
+    return bool(has_tissue(image).any())
