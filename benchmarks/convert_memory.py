@@ -5,7 +5,8 @@ write_synthetic_slide`) of each size into ``--workdir`` (reused when already the
 converts each with ``wsireg convert SLIDE OUT.ome.zarr`` in a fresh process and prints one JSON
 line per size: size, wall time, MPx/s (level-0 pixels per second, whole pyramid included), CPU
 seconds (user + system; steadier than wall time on a shared machine), peak RSS of the converting
-process (its own ``ru_maxrss``, MiB) and the size of the output.
+process (its own ``VmHWM``, MiB, read at exit: ``ru_maxrss`` of a child would also count the
+parent's memory at exec) and the size of the output.
 
 Requirement checked at the end when both 10k and 100k are measured: peak RSS at 100k^2 at most
 1.5 GiB and at most 1.5 x the 10k^2 figure (exit code 1 otherwise).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,22 +55,38 @@ def convert(slide: Path, out: Path, env: dict[str, str]) -> tuple[float, float, 
     that process."""
     command = [
         sys.executable,
-        "-m",
-        "wsireg_cli",
+        "-c",
+        PEAK_WRAPPER,
         "--quiet",
         "convert",
         str(slide),
         str(out),
         "--overwrite",
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    _, stderr = process.communicate()
     wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"convert of {slide} failed with exit code {process.returncode}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: KiB
+    peak = [line.split()[1] for line in stderr.splitlines() if line.startswith("PEAK_RSS_MIB ")]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, float(peak[-1])
+
+
+# The CLI in a child process that prints its own peak RSS (VmHWM) on the way out.
+PEAK_WRAPPER = (
+    "import atexit, sys\n"
+    "from wsireg.resources import peak_rss_mib\n"
+    "atexit.register(lambda: print('PEAK_RSS_MIB', peak_rss_mib(), file=sys.stderr))\n"
+    "from wsireg_cli.main import main\n"
+    "sys.argv[0] = 'wsireg'\n"
+    "main()\n"
+)
 
 
 def directory_mib(path: Path) -> float:
