@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--peer", choices=["elastix"], default=None)
     parser.add_argument("--peer-env", type=Path, default=Path("/tmp/wsireg-elastix-env"))
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--weights", default="default")
+    parser.add_argument("--weights", default="none", help="none | default | PATH")
     parser.add_argument("--refine", type=int, default=None)
     parser.add_argument("--level", type=int, default=None)
     parser.add_argument("--levels", type=int, default=None)

@@ -16,17 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
 import torch
 
 from wsireg.network import UNet, UNetConfig, num_parameters, resolve_device
+from wsireg.resources import peak_rss_mib
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+    # VmHWM: ru_maxrss of a child would start at its parent's peak (inherited at exec)
+    return peak_rss_mib()
 
 
 def main() -> None:

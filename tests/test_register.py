@@ -1,6 +1,6 @@
 """`wsireg register`: the pipeline end to end on small synthetic pairs, its outputs, resume,
-bad input. Pure instance optimisation (no weights) keeps these fast and independent of
-training; the shipped network is exercised in test_algorithm/test_train."""
+bad input. Pure instance optimisation (no weights, the default) keeps most of these fast and
+independent of training; one test runs the shipped networks through the streaming scheduler."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import zarr
 
 from wsireg.errors import InputError
+from wsireg.network import default_weights_path, verify_checksum
 from wsireg.pipeline import register
 from wsireg.synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
 
@@ -88,6 +89,21 @@ def test_register_recovers_a_rotated_deformed_pair(pair: dict, tmp_path: Path) -
     level0 = zarr.open_group(str(out / "warped.ome.zarr"), mode="r")["0"]
     assert level0.shape == (3, *SHAPE)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
+def test_shipped_networks_register_through_the_scheduler(pair: dict, tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    result = register(pair["source"], pair["target"], out, weights="default", write_warped=False)
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"]["sha256"] == verify_checksum(default_weights_path())
+    assert report["parameters"]["refine"]["steps"] == 0  # the networks alone
+    levels = report["levels"]
+    assert len(levels) <= 3 and all(level["patches"] > 0 for level in levels)
+    assert sum(level["background_patches"] for level in levels) > 0  # glass is skipped
+    assert report["similarity"]["final"] > report["similarity"]["affine"] + 0.05
+    error = landmark_error(result.transform, pair)
+    assert error.mean() < 2.0 and np.percentile(error, 90) < 3.5, error.mean()
 
 
 def test_identical_slides_give_identity(pair: dict, tmp_path: Path) -> None:

@@ -106,6 +106,11 @@ class InferenceSettings:
     """``G``: patches per network call (memory vs. speed only; results do not depend on it)."""
     representation: str = "od"
     """Network input, see :func:`network_input`."""
+    smoothing: float = 8.0
+    """Standard deviation (pixels of the level) of the Gaussian applied to each iteration's
+    folded field before it is composed (:func:`wsireg.field.smooth_field`; inference only).
+    It removes the seams between neighbouring patch centres and the patch-level noise: on the
+    demo pair the mean error fell from 0.97 to 0.30 px with 8 (0.21 with 16); ``S / 8``."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in a model's metadata under ``"inference"``)."""
@@ -115,6 +120,7 @@ class InferenceSettings:
             "stride": self.stride,
             "group": self.group,
             "representation": self.representation,
+            "smoothing": self.smoothing,
         }
 
 
@@ -319,6 +325,7 @@ def register_level(
     loss_fixed: Tensor | None = None,
     target: Tensor | None = None,
     counts: PatchCounts | None = None,
+    smoothing: float = 0.0,
 ) -> Tensor:
     """The field ``v`` ``(N, 2, H, W)`` of one pyramid level, in pixels of the level.
 
@@ -339,6 +346,8 @@ def register_level(
             ``target - v`` (first order) when the trainer's ``supervision > 0``.
         counts: optional tally of the patches run and skipped as background (inference only
             skips: a patch blank on both sides keeps a zero displacement).
+        smoothing: Gaussian standard deviation (px) applied to each iteration's folded field
+            before composing (see :attr:`InferenceSettings.smoothing`); 0 = none.
 
     Returns:
         ``v`` with ``fixed(x) ~ moving(x + v(x))``: ``Algorithm 1``'s level field, on
@@ -368,7 +377,7 @@ def register_level(
         preds = _predict_iteration(
             net, moving_patches, fixed_patches, group, channels, trainer, target_patches, counts
         )
-        v_it = tiling.fold_centres(preds, geometry)
+        v_it = fields.smooth_field(tiling.fold_centres(preds, geometry), smoothing)
         v = fields.compose(v, v_it)
     return v.to(out_device)
 
@@ -393,6 +402,7 @@ def register_pyramid(
     stride: int | None = None,
     group: int | None = None,
     representation: str | None = None,
+    smoothing: float | None = None,
     trainers: Sequence[GroupTrainer] | None = None,
     loss_moving: Tensor | None = None,
     loss_fixed: Tensor | None = None,
@@ -409,8 +419,8 @@ def register_pyramid(
             finest (``model.num_levels - 1``); networks ``finest - N + 1 .. finest`` are used,
             e.g. ``levels=1`` alone runs only the finest network, ``finest=0`` only the coarsest
             (training uses such sub-pyramids to give every level its share of samples).
-        iterations, patch, stride, group, representation: default to the model's stored
-            settings (:func:`inference_settings`).
+        iterations, patch, stride, group, representation, smoothing: default to the model's
+            stored settings (:func:`inference_settings`); training never smooths.
         trainers: one :class:`GroupTrainer` per used level (coarsest first) to train while
             registering; ``None`` for inference (no autograd).
         loss_moving, loss_fixed: optional RGB images compared by the training loss instead of
@@ -430,6 +440,7 @@ def register_pyramid(
         stride=stride,
         group=group,
         representation=representation,
+        smoothing=smoothing,
     )
     top = model.num_levels - 1 if finest is None else int(finest)
     if not 0 <= top < model.num_levels:
@@ -477,6 +488,7 @@ def register_pyramid(
                 patch=cfg.patch,
                 stride=cfg.stride,
                 group=cfg.group,
+                smoothing=cfg.smoothing if trainers is None else 0.0,
                 trainer=None if trainers is None else trainers[k],
                 loss_moving=_warp_optional(pyr_lm[k], u),
                 loss_fixed=pyr_lf[k],

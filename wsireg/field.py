@@ -24,6 +24,7 @@ Borders
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,6 +44,7 @@ __all__ = [
     "resize_field",
     "sample",
     "sample_field",
+    "smooth_field",
     "to_grid_sample",
     "upsample_field",
     "warp_image",
@@ -240,3 +242,19 @@ def sample_field(u: Tensor, points: Tensor) -> Tensor:
     values = sample(u, positions, mode="bilinear", padding="border")  # (N, 2, K, 1)
     values = values.squeeze(-1).permute(0, 2, 1)
     return values if batched else values.squeeze(0)
+
+
+def smooth_field(u: Tensor, sigma: float) -> Tensor:
+    """``u`` ``(N, C, H, W)`` low-passed by a Gaussian of standard deviation ``sigma`` (pixels
+    of the grid), separable, edges replicated; ``sigma <= 0`` returns ``u`` unchanged."""
+    if sigma <= 0:
+        return u
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=u.dtype, device=u.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    n, c, h, w = u.shape
+    flat = u.reshape(n * c, 1, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return flat.reshape(n, c, h, w)

@@ -13,10 +13,10 @@ Architecture (paper Sec. 2, Fig. 1)
 
 Defaults and why
     The published code uses ``D = 5`` levels with widths 32..512 on 256 x 256 patches (~3.55 M
-    parameters, 13.6 MB fp32; 4-5 patches/s at ``P = 256``, ``G = 16`` on the 2-core
-    development CPU). We keep ``D = 5`` but halve every width, 16..256 (~0.89 M parameters,
-    3.4 MB fp32; 14-16 patches/s on the same CPU, about 3x faster; measured with
-    ``benchmarks/network_speed.py`` on a loaded machine). The depth, not the width, sets the
+    parameters, 13.6 MB fp32). We keep ``D = 5`` but halve every width, 16..256 (~0.89 M
+    parameters, 3.4 MB fp32; on the idle 2-core development CPU, ``G = 16``: ~50 patches/s at
+    ``P = 256``, 320-580 patches/s at ``P = 128``, 106 MB for one group's forward at
+    ``P = 128``; ``benchmarks/network_speed.py``). The depth, not the width, sets the
     receptive field: five stride-2 3x3 convolutions, five stride-2 3x3 transposed convolutions
     and the two 3x3 head convolutions give a receptive field of 127 px (the support of the
     input gradient of one output pixel with GroupNorm removed; GroupNorm statistics are

@@ -130,7 +130,7 @@ def register(
     stride: int | None = None,
     group: int | None = None,
     refine: int | None = None,
-    weights: str | Path | None = "default",
+    weights: str | Path | None = None,
     device: str = "auto",
     warp_level: int = 0,
     write_warped: bool = True,
@@ -144,7 +144,12 @@ def register(
     size, see :func:`default_finest_downsample`). ``levels``, ``iterations``, ``patch``,
     ``stride``, ``group``: Algorithm 1's N, M, P, S, G (defaults: the shipped model's).
     ``refine``: instance-optimisation steps per block and level (default: 0 with weights, 40
-    without). ``weights``: ``"default"`` (shipped), a path, or ``None`` (pure optimisation).
+    without). ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the
+    shipped networks) or a path. The networks are opt-in because on the real ANHIR pairs they
+    end worse than the affine start (rat kidney 0.31 %, lesions 0.60 % median rTRE against
+    0.26 % / 0.54 %), while optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the
+    network is the more accurate and faster one (demo: 0.30 px in 11 s against 1.38 px in
+    20 s).
     """
     from .output import check_output, commit, partial_path, remove
     from .slide import open_slide
@@ -300,6 +305,7 @@ def _settings(
         "stride": stride or stored.get("stride") or defaults.stride,
         "group": group or stored.get("group") or defaults.group,
         "representation": stored.get("representation", defaults.representation),
+        "smoothing": float(stored.get("smoothing", defaults.smoothing)),
     }
     steps = refine if refine is not None else (0 if model is not None else 40)
     return SchedulerSettings(**chosen, refine=RefineSettings(steps=steps))

@@ -62,6 +62,8 @@ class SchedulerSettings:
     extra: int = 64
     """Halo beyond the block whose patches give context and are then trimmed (pixels)."""
     representation: str = "od"
+    smoothing: float = 8.0
+    """Gaussian standard deviation (px of a level) on each iteration's network field."""
     refine: RefineSettings = field(default_factory=RefineSettings)
 
 
@@ -289,6 +291,7 @@ class _Level:
                     stride=cfg.stride,
                     group=cfg.group,
                     counts=counts,
+                    smoothing=cfg.smoothing,
                 )
             v = v.clone()  # leave inference mode: refinement needs autograd
             report.network_s += time.perf_counter() - start
