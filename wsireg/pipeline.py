@@ -10,8 +10,9 @@ slide and writes, in the directory ``out``::
 
 Stages: (1) thumbnails at equal physical resolution (mpp) and the affine initial alignment
 (:mod:`wsireg.align`); (2) the nonrigid field, streamed level by level down to the target level
-``level`` (:mod:`wsireg.scheduler`: the per-level networks of the shipped weights, then
-``refine`` instance-optimisation steps); (3) the warp (:mod:`wsireg.warp`); (4) QC and report.
+``level`` (:mod:`wsireg.scheduler`: ``refine`` instance-optimisation steps per block, after
+the per-level networks when ``weights`` are given); (3) the warp (:mod:`wsireg.warp`); (4) QC
+and report.
 The output is staged under ``.OUT.partial`` and renamed at the end; ``resume`` continues a
 staged output left by a killed run (alignment, finished field blocks and warp chunks are kept)
 and gives the same result as an uninterrupted run.
