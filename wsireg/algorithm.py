@@ -109,8 +109,9 @@ class InferenceSettings:
     smoothing: float = 8.0
     """Standard deviation (pixels of the level) of the Gaussian applied to each iteration's
     folded field before it is composed (:func:`wsireg.field.smooth_field`; inference only).
-    It removes the seams between neighbouring patch centres and the patch-level noise: on the
-    demo pair the mean error fell from 0.97 to 0.30 px with 8 (0.21 with 16); ``S / 8``."""
+    It removes the seams between neighbouring patch centres and the patch-level noise:
+    ``benchmarks/network_accuracy.py`` (50 held-out pairs) went from 74.4 % to 85.1 % end-point
+    error reduction with the shipped weights; ``S / 8``."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in a model's metadata under ``"inference"``)."""

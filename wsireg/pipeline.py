@@ -151,9 +151,9 @@ def register(
     without). ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the
     shipped networks) or a path. The networks are opt-in because on the real ANHIR pairs they
     end worse than the affine start (rat kidney 0.31 %, lesions 0.60 % median rTRE against
-    0.26 % / 0.54 %), while optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the
-    network is the more accurate and faster one (demo: 0.30 px in 11 s against 1.38 px in
-    20 s).
+    0.26 % / 0.54 %; ``benchmarks/anhir_accuracy.py --weights default --refine 0``), while
+    optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the networks are accurate
+    (``benchmarks/network_accuracy.py``).
     """
     from .output import check_output, commit, partial_path, remove
     from .slide import open_slide
