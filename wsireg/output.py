@@ -47,7 +47,7 @@ def staged_output(
 
     With ``resume`` a staged output left by an interrupted run is kept (the caller continues
     it); otherwise it is cleared first. On an exception the staging path is removed, except on
-    ``KeyboardInterrupt``, which leaves it for ``resume``.
+    ``KeyboardInterrupt`` and in a ``resume`` run, which leave it for (another) ``resume``.
     """
     final = check_output(path, overwrite)
     stage = partial_path(final)
@@ -59,7 +59,8 @@ def staged_output(
     except KeyboardInterrupt:
         raise
     except BaseException:
-        remove(stage)
+        if not resume:
+            remove(stage)
         raise
     commit(stage, final)
 

@@ -155,20 +155,15 @@ def register(
     optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the networks are accurate
     (``benchmarks/network_accuracy.py``).
     """
-    from .output import check_output, commit, partial_path, remove
+    from .output import remove, staged_output
     from .slide import open_slide
 
     out = Path(out)
-    check_output(out, overwrite)
-    stage = partial_path(out)
-    if not resume:
-        remove(stage)
-    stage.mkdir(parents=True, exist_ok=True)
-    work = stage / "work"
-    work.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    try:
+    with staged_output(out, overwrite, resume) as stage:
+        work = stage / "work"
+        work.mkdir(parents=True, exist_ok=True)
         source_slide, target_slide = open_slide(source), open_slide(target)
         # Slides without coarse levels get a pyramid first: every stage but the final warp
         # reads coarse grids.
@@ -263,13 +258,6 @@ def register(
         )
         (stage / "report.json").write_text(json.dumps(report, indent=2))
         remove(work)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if not resume:
-            remove(stage)
-        raise
-    commit(stage, out)
     final = Transform.load(out / "transform")
     return Result(out, final, out / "warped.ome.zarr" if write_warped else None, report)
 
