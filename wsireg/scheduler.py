@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import tiling
-from .algorithm import PatchCounts, has_tissue, network_input, register_level
+from .algorithm import DEFAULTS, PatchCounts, has_tissue, network_input, register_level
 from .coords import to_level0
 from .refine import RefineSettings, refine_field
 from .transform import SlideRef, Stage, Transform, create_field
@@ -49,20 +49,20 @@ class SchedulerSettings:
 
     levels: int = 3
     """``N``: pyramid levels, ending at the finest downsample."""
-    iterations: int = 2
+    iterations: int = DEFAULTS.iterations
     """``M``: network passes per level."""
-    patch: int = 128
+    patch: int = DEFAULTS.patch
     """``P``: patch side (pixels of a level)."""
-    stride: int = 64
+    stride: int = DEFAULTS.stride
     """``S``: stride, side of the kept centres."""
-    group: int = 16
+    group: int = DEFAULTS.group
     """``G``: patches per network call."""
     block: int = 1024
     """Side of a scheduler block (pixels of a level; a multiple of ``S`` and of 256)."""
     extra: int = 64
     """Halo beyond the block whose patches give context and are then trimmed (pixels)."""
-    representation: str = "od"
-    smoothing: float = 8.0
+    representation: str = DEFAULTS.representation
+    smoothing: float = DEFAULTS.smoothing
     """Gaussian standard deviation (px of a level) on each iteration's network field."""
     refine: RefineSettings = field(default_factory=RefineSettings)
 
