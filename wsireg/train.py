@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsireg import field as wfield
-from wsireg.algorithm import GroupTrainer, InferenceSettings, register_pyramid
+from wsireg.algorithm import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
 from wsireg.errors import InputError, WsiregError
 from wsireg.network import MultiLevelModel, UNetConfig
 from wsireg.progress import progress
@@ -132,11 +132,11 @@ class TrainConfig:
     """``S`` training stride; ``P - S`` even."""
     group: int = 16
     """``G`` patches per optimiser step."""
-    inference_patch: int = 128
+    inference_patch: int = DEFAULTS.patch
     """``P`` stored as the inference default (the network is fully convolutional)."""
-    inference_stride: int = 64
+    inference_stride: int = DEFAULTS.stride
     """``S`` stored as the inference default."""
-    inference_group: int = 16
+    inference_group: int = DEFAULTS.group
     """``G`` stored as the inference default (memory only)."""
     train_groups: int | None = None
     """Groups trained per level and iteration (the others are only predicted); ``None`` = all."""
