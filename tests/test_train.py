@@ -178,6 +178,8 @@ def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
         json.dumps(
             {
                 "steps_per_epoch": 1,
+                "batch": 2,
+                "synthetic_bank": 4,  # the default bank of 384 crops takes minutes to draw
                 "crop": 64,
                 "margin": 16,
                 "levels": 2,
