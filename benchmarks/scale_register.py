@@ -42,10 +42,11 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_r
 """
 
 
-def make_pair(workdir: Path, size: int, seed: int) -> tuple[Path, Path, object, float]:
+def make_pair(
+    workdir: Path, size: int, seed: int, texture: float
+) -> tuple[Path, Path, object, float]:
     from wsireg.synthetic import synthetic_pair, write_synthetic_slide
 
-    texture = max(1.0, size / 4096)
     max_displacement = 0.004 * size
     _, _, truth = synthetic_pair(
         (size, size),
@@ -55,8 +56,8 @@ def make_pair(workdir: Path, size: int, seed: int) -> tuple[Path, Path, object, 
         rotation=4.0,
         texture_downsample=texture,
     )
-    source = workdir / f"source-{size}.ome.tif"
-    target = workdir / f"target-{size}.ome.tif"
+    source = workdir / f"source-{size}-t{texture:g}.ome.tif"
+    target = workdir / f"target-{size}-t{texture:g}.ome.tif"
     if not source.exists():
         write_synthetic_slide(
             source, (size, size), seed=seed, stain="he", texture_downsample=texture
@@ -106,12 +107,22 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="none | default | PATH")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsireg-scale"))
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument(
+        "--texture-downsample",
+        type=float,
+        default=1.0,
+        help="Level-0 pixel size of the synthetic tissue in native texture pixels (1: nuclei "
+        "~12-15 px across, like a 0.5 um/px scan, at every slide size: a larger slide holds "
+        "more tissue, not coarser tissue).",
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
         t0 = time.perf_counter()
-        source, target, truth, texture = make_pair(args.workdir, size, args.seed)
+        source, target, truth, texture = make_pair(
+            args.workdir, size, args.seed, args.texture_downsample
+        )
         prepare_s = time.perf_counter() - t0
         level = args.level
         if args.field_downsample is not None:  # the synthetic pyramids halve per level

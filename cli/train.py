@@ -30,6 +30,8 @@ _OVERRIDES = (
     "stain_loss",
     "seed",
     "threads",
+    "section_change",
+    "init_weights",
 )
 
 
@@ -73,6 +75,16 @@ _OVERRIDES = (
     help="Initial weight of the end-point error to the synthetic truth (0 = off).",
 )
 @click.option("--supervision-epochs", type=int, help="Epochs over which it decays to 0.")
+@click.option(
+    "--section-change",
+    type=float,
+    help="Probability of a 'neighbouring section' pair (fine mismatch left out of the truth).",
+)
+@click.option(
+    "--init-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from the networks of this model file (fine-tuning).",
+)
 @click.option("--seed", type=int, help="Random seed (data and initialisation).")
 @click.option("--threads", type=int, help="torch CPU threads.")
 @click.option(

@@ -59,6 +59,8 @@ Data (:class:`TrainingData`), never the ANHIR evaluation pairs
       remixing the dye concentrations in optical-density space (:func:`restain`: H&E jitter,
       IHC-like haematoxylin + DAB on a random subset of the eosin structures, a single dye, or
       swapped dyes), for synthetic tissue by rendering the structure maps in H&E and IHC;
+    * optionally (``section_change``) a "neighbouring section": the fixed side also goes
+      through a fine-scale displacement that the known displacement leaves out;
     * missing tissue and tears (white ellipses or strips) on one side; noise and blur;
     * with ``stain_loss = "same"`` (default) the similarity compares both sides **in the crop's
       original stain** while the networks see the two different stains, so the networks learn
@@ -197,6 +199,16 @@ class TrainConfig:
     """Translation jitter, pixels."""
     missing_tissue: float = 0.3
     """Probability that one side loses a region (ellipse) or gets a tear (white strip)."""
+    section_change: float = 0.0
+    """Probability that the fixed side is a "neighbouring section": resampled through an extra
+    fine-scale random displacement (control points every ``section_spacing`` px, up to
+    ``section_jitter`` px) that is *not* part of the known displacement, so structures shift
+    individually as between consecutive sections and the networks learn to follow only the
+    smooth part (0 = off, the shipped v11 run)."""
+    section_jitter: float = 2.0
+    """Largest fine-scale displacement of a "neighbouring section", pixels of the crop."""
+    section_spacing: tuple[float, float] = (6.0, 16.0)
+    """Range of the control-point spacing of that fine-scale displacement, pixels."""
     stain_loss: str = "same"
     """``"same"``: loss compares both sides in the original stain; ``"cross"``: the inputs."""
     representation: str = "od"
@@ -217,6 +229,9 @@ class TrainConfig:
     """Synthetic crops drawn once and then reused (each use gets its own rotation, flip,
     deformation and degradation); rendering procedural tissue costs ~0.3 s a crop, 20x a real
     crop, and dominated the step time when drawn fresh. 0 = always fresh."""
+    init_weights: str | None = None
+    """Start from the networks of this model file (fine-tuning; same levels and widths)
+    instead of a random initialisation."""
     threads: int | None = 1
     """torch CPU threads (``None``: torch's default; one is fastest for these small steps)."""
 
@@ -243,6 +258,7 @@ class TrainConfig:
             "synthetic_seeds",
             "synthetic_downsample",
             "deformation_spacing",
+            "section_spacing",
         )
         for key in (*keys, "finest_level_probs"):
             if values.get(key) is not None:
@@ -562,6 +578,12 @@ def make_pair(
     disp = random_displacement(size, amplitude, rng, spacing) + affine
     grid = wfield.identity_grid((size, size)) + m
     deformed = grid + disp
+    # a neighbouring section: fine mismatch, same truth (no draw when off: the shipped run's
+    # random sequence stays as it was)
+    if cfg.section_change > 0 and rng.random() < cfg.section_change:
+        jitter = float(rng.uniform(0.0, cfg.section_jitter))
+        fine = random_displacement(size, jitter, rng, float(rng.uniform(*cfg.section_spacing)))
+        deformed = deformed + fine
     # Side 0 is resampled at `deformed`, side 1 at the centre of the crop shifted by a random
     # sub-pixel offset: both sides are interpolated alike, so that no side is systematically
     # sharper (else the network learns to blur the moving image by half-pixel shifts, which
@@ -739,6 +761,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = _new_model(cfg)
+    if cfg.init_weights and not (resume and ckpt_path.exists()):
+        _load_initial(model, Path(cfg.init_weights))
     optimizers = [torch.optim.Adam(net.parameters(), lr=cfg.lr) for net in model.levels]
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, cfg.lr_decay) for o in optimizers]
     start = 0
@@ -767,6 +791,15 @@ def train(
     model.metadata = _metadata(cfg, max(cfg.epochs, start), history)
     model.save(out / MODEL)
     return model.eval()
+
+
+def _load_initial(model: MultiLevelModel, path: Path) -> None:
+    """Copy the networks of the model file ``path`` into ``model`` (checksum verified)."""
+    init = MultiLevelModel.load(path)
+    try:
+        model.load_state_dict(init.state_dict())
+    except RuntimeError as exc:
+        raise InputError(path, "its networks do not match the training config") from exc
 
 
 def _run_epoch(
