@@ -8,6 +8,13 @@ field level/downsample, wall time, patches/s of the network, peak RSS of the reg
 process, mean and 90th-percentile error of the recovered transform at 300 tissue points
 against the truth (level-0 pixels), and the error before registration.
 
+The synthetic tissue has the same scale at every slide size (``--texture-downsample 1``: nuclei
+~12-15 px, glands ~100-300 px across at level 0, like a 0.5 um/px scan), so a larger slide holds
+more tissue, as real ones do. (Until 2026-11-24 the texture was coarsened with the size,
+``size / 4096``: the 100k^2 slide then showed sub-pixel nuclei at level 0 and no structure at
+all at downsample 16, and its field at downsample 16 could only follow the tissue outline:
+101.8 px mean error.)
+
     python benchmarks/scale_register.py --sizes 2500 5000 10000 --level 0
     python benchmarks/scale_register.py --sizes 100000 --field-downsample 16
 """

@@ -111,7 +111,7 @@ class InferenceSettings:
     folded field before it is composed (:func:`wsireg.field.smooth_field`; inference only).
     It removes the seams between neighbouring patch centres and the patch-level noise:
     ``benchmarks/network_accuracy.py`` (50 held-out pairs) went from 74.4 % to 85.1 % end-point
-    error reduction with the shipped weights; ``S / 8``."""
+    error reduction with the stage-1 weights (see ``wsireg/weights/README.md``); ``S / 8``."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in a model's metadata under ``"inference"``)."""

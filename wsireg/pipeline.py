@@ -150,7 +150,7 @@ def register(
     ``refine``: instance-optimisation steps per block and level (default: 0 with weights, 40
     without). ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the
     shipped networks) or a path. The networks are opt-in because on the real ANHIR pairs they
-    end worse than the affine start (rat kidney 0.31 %, lesions 0.60 % median rTRE against
+    do not beat the affine start on both (rat kidney 0.21 %, lesions 0.58 % median rTRE against
     0.26 % / 0.54 %; ``benchmarks/anhir_accuracy.py --weights default --refine 0``), while
     optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the networks are accurate
     (``benchmarks/network_accuracy.py``).

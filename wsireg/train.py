@@ -204,7 +204,7 @@ class TrainConfig:
     fine-scale random displacement (control points every ``section_spacing`` px, up to
     ``section_jitter`` px) that is *not* part of the known displacement, so structures shift
     individually as between consecutive sections and the networks learn to follow only the
-    smooth part (0 = off, the shipped v11 run)."""
+    smooth part (0 = off, as in stage 1 of the shipped weights; their stage 2 used 0.5)."""
     section_jitter: float = 2.0
     """Largest fine-scale displacement of a "neighbouring section", pixels of the crop."""
     section_spacing: tuple[float, float] = (6.0, 16.0)
