@@ -31,6 +31,7 @@ _OVERRIDES = (
     "seed",
     "threads",
     "section_change",
+    "content_change",
     "init_weights",
 )
 
@@ -79,6 +80,11 @@ _OVERRIDES = (
     "--section-change",
     type=float,
     help="Probability of a 'neighbouring section' pair (fine mismatch left out of the truth).",
+)
+@click.option(
+    "--content-change",
+    type=float,
+    help="Probability that a blob of the fixed side shows other tissue (left out of the truth).",
 )
 @click.option(
     "--init-weights",

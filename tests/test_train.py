@@ -235,3 +235,17 @@ def test_init_weights_start_from_a_given_model(tmp_path) -> None:
     other = TrainConfig(**{**zero.to_dict(), "widths": (8, 8, 16, 16, 32)})
     with pytest.raises(WsiregError, match="do not match"):
         train(TrainConfig.from_dict(other.to_dict()), tmp_path / "c", data=sample)
+
+
+def test_content_change_shows_other_tissue_in_part_of_the_fixed_side() -> None:
+    base = TrainConfig(**{**TINY, "crop": 128, "margin": 32, "max_displacement": 8.0})
+    changed = TrainConfig.from_dict({**base.to_dict(), "content_change": 1.0})
+    clean = _tissue_rgb(192, 11)
+    crop = Crop(clean, restain(clean, np.random.default_rng(1), "he"), "test")
+    a = make_pair(crop, base, np.random.default_rng(4))
+    b = make_pair(crop, changed, np.random.default_rng(4))
+    # same draws up to the change: the truth and the moving side are the same
+    assert torch.equal(a.truth, b.truth) and torch.equal(a.loss_moving, b.loss_moving)
+    diff = (a.loss_fixed - b.loss_fixed).abs().amax(1)[0]
+    changed_share = float((diff > 0.02).float().mean())
+    assert 0.03 < changed_share < 0.6, changed_share  # a blob, not the whole crop

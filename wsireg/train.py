@@ -59,8 +59,9 @@ Data (:class:`TrainingData`), never the ANHIR evaluation pairs
       remixing the dye concentrations in optical-density space (:func:`restain`: H&E jitter,
       IHC-like haematoxylin + DAB on a random subset of the eosin structures, a single dye, or
       swapped dyes), for synthetic tissue by rendering the structure maps in H&E and IHC;
-    * optionally (``section_change``) a "neighbouring section": the fixed side also goes
-      through a fine-scale displacement that the known displacement leaves out;
+    * optionally (``section_change``, ``content_change``) a "neighbouring section": the fixed
+      side also goes through a fine-scale displacement, or shows other tissue in a blob, and
+      the known displacement leaves both out;
     * missing tissue and tears (white ellipses or strips) on one side; noise and blur;
     * with ``stain_loss = "same"`` (default) the similarity compares both sides **in the crop's
       original stain** while the networks see the two different stains, so the networks learn
@@ -205,6 +206,10 @@ class TrainConfig:
     ``section_jitter`` px) that is *not* part of the known displacement, so structures shift
     individually as between consecutive sections and the networks learn to follow only the
     smooth part (0 = off, as in stage 1 of the shipped weights; their stage 2 used 0.5)."""
+    content_change: float = 0.0
+    """Probability that part of the fixed side (a smooth random blob, 10-40 % of the crop) shows
+    other tissue (the crop turned and shifted), as structures that end between two sections;
+    the known displacement stays the smooth one (0 = off)."""
     section_jitter: float = 2.0
     """Largest fine-scale displacement of a "neighbouring section", pixels of the crop."""
     section_spacing: tuple[float, float] = (6.0, 16.0)
@@ -560,6 +565,26 @@ def _degrade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def _change_content(
+    net: np.ndarray,
+    loss: np.ndarray,
+    net_rgb: np.ndarray,
+    clean_rgb: np.ndarray,
+    grid: Tensor,
+    rng: np.random.Generator,
+) -> None:
+    """Blend, in place, other tissue of the same crop (turned by 90-270 degrees and shifted)
+    into a smooth random blob of the network image ``net`` and the loss image ``loss``."""
+    size = net.shape[0]
+    k = int(rng.integers(1, 4))
+    shift = torch.from_numpy(rng.uniform(-0.5, 0.5, 2).astype(np.float32)).reshape(1, 2, 1, 1)
+    positions = grid + shift * float(grid.min())  # up to half the margin either way
+    mask = _smooth_mask((size, size), rng, float(rng.uniform(0.1, 0.4)))[..., None]
+    for out, rgb in ((net, net_rgb), (loss, clean_rgb)):
+        donor = _sample_rgb(np.ascontiguousarray(np.rot90(rgb, k)), positions)
+        out[:] = np.round(out * (1.0 - mask) + donor * mask).astype(np.uint8)
+
+
 def make_pair(
     crop: Crop, cfg: TrainConfig, rng: np.random.Generator, displacement_scale: float = 1.0
 ) -> Pair:
@@ -594,6 +619,8 @@ def make_pair(
     stains = [clean, other] if rng.random() < 0.5 else [other, clean]
     net = [_sample_rgb(stains[0], deformed), _sample_rgb(stains[1], identity)]
     loss = [_sample_rgb(clean, deformed), _sample_rgb(clean, identity)]
+    if cfg.content_change > 0 and rng.random() < cfg.content_change:
+        _change_content(net[0], loss[0], stains[0], clean, grid, rng)
     if rng.random() < cfg.missing_tissue:
         side = int(rng.integers(2))
         lost = _missing((size, size), rng)
