@@ -17,7 +17,8 @@
     ``x <- A^-1 p - u(x)`` (ANHIR's definition: warped source landmarks vs. target landmarks);
     rTRE = distance / target diagonal, median (and mean) per pair, affine only vs affine +
     network. Landmarks are used for evaluation only.
-(c) ``speed``: patches/s of the finest network at the model's ``P`` and ``G`` and the peak memory
+(c) ``speed``: patches/s of the finest network at the model's ``P`` and ``G`` (network passes;
+    ``patch_pairs_per_s`` counts a flip-averaged pair once, i.e. four passes) and the peak memory
     of one group's forward (``benchmarks/network_speed.py`` in a fresh process), the wall time of
     the multi-level registration of a 512 x 512 pair, and the training seconds per epoch stored
     with the model.
@@ -282,6 +283,8 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
         "patch": cfg.patch,
         "group": cfg.group,
         "patches_per_s": speed["patches_per_s"],
+        "flip_average": cfg.flip_average,
+        "patch_pairs_per_s": round(speed["patches_per_s"] / (4 if cfg.flip_average else 1), 1),
         "group_forward_peak_mb": speed["group_peak_mb"],
         "register_pyramid_s": {
             "size": size,

@@ -40,6 +40,12 @@ def register_options(function):  # type: ignore[no-untyped-def]
             "so far), 'default' (the shipped networks, Algorithm 1) or a .pt path.",
         ),
         click.option(
+            "--flip-average/--no-flip-average",
+            default=None,
+            help="Average the networks' predictions over the four flips of each patch "
+            "(more accurate, 4x the network time; default: the model's setting, on).",
+        ),
+        click.option(
             "--device",
             type=click.Choice(["auto", "cpu", "cuda"]),
             default="auto",
@@ -70,6 +76,7 @@ def register_kwargs(options: dict) -> dict:
         "group": options["group"],
         "refine": options["refine"],
         "weights": None if options["weights"] == "none" else options["weights"],
+        "flip_average": options["flip_average"],
         "device": options["device"],
         "warp_level": options["warp_level"],
         "write_warped": not options["no_warp"],

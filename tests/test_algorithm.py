@@ -116,12 +116,14 @@ def test_pyramid_upsamples_and_composes_between_levels() -> None:
     model = MultiLevelModel.uniform(2, UNetConfig())
     model.levels = nn.ModuleList([ConstantNet(1.0, 0.25), ConstantNet(1.0, 0.25)])
     rgb = (torch.rand(1, 3, 75, 61) * 255).to(torch.uint8)  # odd sizes: padded, then cropped
-    u = register_pyramid(model, rgb, rgb, iterations=1, patch=64, stride=32, group=8)
+    # (a constant prediction is a pure bias, which flip averaging cancels: see below)
+    flat = dict(iterations=1, patch=64, stride=32, flip_average=False)
+    u = register_pyramid(model, rgb, rgb, group=8, **flat)
     assert u.shape == (1, 2, 75, 61)
     assert torch.allclose(u[:, 0], torch.full_like(u[:, 0], 3.0), atol=1e-4)
     assert torch.allclose(u[:, 1], torch.full_like(u[:, 1], 0.75), atol=1e-4)
     # one level (the finest network only)
-    u1 = register_pyramid(model, rgb, rgb, levels=1, iterations=1, patch=64, stride=32)
+    u1 = register_pyramid(model, rgb, rgb, levels=1, **flat)
     assert torch.allclose(u1[:, 0], torch.full_like(u1[:, 0], 1.0), atol=1e-5)
 
 
@@ -250,3 +252,35 @@ def test_shipped_model_registers_a_synthetic_pair_better_than_identity() -> None
     before = _epe(torch.zeros_like(u), true_u, mask)
     after = _epe(u, true_u, mask)
     assert after < 0.6 * before, (before, after)
+
+
+class _ConstantNet(torch.nn.Module):
+    """Predicts the same (x, y) shift whatever the input: a pure orientation bias."""
+
+    def __init__(self, shift: tuple[float, float]) -> None:
+        super().__init__()
+        self.shift = torch.tensor(shift).view(1, 2, 1, 1)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return self.shift.expand(moving.shape[0], 2, *moving.shape[-2:]).clone()
+
+
+class _FlowNet(torch.nn.Module):
+    """``u = grad(moving) * (fixed - moving)``: flip-equivariant (channel 0 = x, 1 = y)."""
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        gy, gx = torch.gradient(moving[:, 0], dim=(-2, -1))
+        diff = (fixed - moving)[:, 0]
+        return torch.stack((gx * diff, gy * diff), 1)
+
+
+def test_flip_average_cancels_a_bias_and_keeps_an_equivariant_prediction() -> None:
+    from wsireg.algorithm import flip_averaged
+
+    g = torch.Generator().manual_seed(0)
+    moving, fixed = torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)
+    assert float(flip_averaged(_ConstantNet((1.5, -0.5)), moving, fixed).abs().max()) < 1e-6
+    net = _FlowNet()
+    expected = net(moving, fixed)
+    assert float(expected.abs().mean()) > 0.01
+    assert torch.allclose(flip_averaged(net, moving, fixed), expected, atol=1e-6)

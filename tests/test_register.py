@@ -98,6 +98,7 @@ def test_shipped_networks_register_through_the_scheduler(pair: dict, tmp_path: P
     report = json.loads((out / "report.json").read_text())
     assert report["weights"]["sha256"] == verify_checksum(default_weights_path())
     assert report["parameters"]["refine"]["steps"] == 0  # the networks alone
+    assert report["parameters"]["flip_average"] is True  # the default for the shipped model
     levels = report["levels"]
     assert len(levels) <= 3 and all(level["patches"] > 0 for level in levels)
     assert sum(level["background_patches"] for level in levels) > 0  # glass is skipped

@@ -135,6 +135,7 @@ def register(
     group: int | None = None,
     refine: int | None = None,
     weights: str | Path | None = None,
+    flip_average: bool | None = None,
     device: str = "auto",
     warp_level: int = 0,
     write_warped: bool = True,
@@ -148,9 +149,11 @@ def register(
     size, see :func:`default_finest_downsample`). ``levels``, ``iterations``, ``patch``,
     ``stride``, ``group``: Algorithm 1's N, M, P, S, G (defaults: the shipped model's).
     ``refine``: instance-optimisation steps per block and level (default: 0 with weights, 40
-    without). ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the
-    shipped networks) or a path. The networks are opt-in because on the real ANHIR pairs they
-    do not beat the affine start on both (rat kidney 0.21 %, lesions 0.58 % median rTRE against
+    without). ``flip_average``: average the networks' predictions over the four flips of
+    each patch (default: the model's setting; see ``InferenceSettings.flip_average``).
+    ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the shipped
+    networks) or a path. The networks are opt-in because on the real ANHIR pairs they do not
+    beat the affine start on both (rat kidney 0.19 %, lesions 0.55 % median rTRE against
     0.26 % / 0.54 %; ``benchmarks/anhir_accuracy.py --weights default --refine 0``), while
     optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the networks are accurate
     (``benchmarks/network_accuracy.py``).
@@ -171,7 +174,7 @@ def register(
         target_read = ensure_pyramid(target_slide, work)
         device = resolve_device(device)
         model, model_info = _load_model(weights, device)
-        settings = _settings(model, levels, iterations, patch, stride, group, refine)
+        settings = _settings(model, levels, iterations, patch, stride, group, refine, flip_average)
         target_ref = SlideRef.from_slide(target_slide)
         finest = (
             default_finest_downsample(target_ref)
@@ -287,6 +290,7 @@ def _settings(
     stride: int | None,
     group: int | None,
     refine: int | None,
+    flip_average: bool | None = None,
 ) -> SchedulerSettings:
     stored: dict[str, Any] = dict(model.metadata.get("inference", {})) if model else {}
     defaults = SchedulerSettings()
@@ -298,6 +302,11 @@ def _settings(
         "group": group or stored.get("group") or defaults.group,
         "representation": stored.get("representation", defaults.representation),
         "smoothing": float(stored.get("smoothing", defaults.smoothing)),
+        "flip_average": bool(
+            stored.get("flip_average", defaults.flip_average)
+            if flip_average is None
+            else flip_average
+        ),
     }
     steps = refine if refine is not None else (0 if model is not None else 40)
     return SchedulerSettings(**chosen, refine=RefineSettings(steps=steps))
@@ -404,6 +413,8 @@ def _report(
             "stride": settings.stride,
             "group": settings.group,
             "block": settings.block,
+            "smoothing": settings.smoothing,
+            "flip_average": settings.flip_average,
             "refine": asdict(settings.refine),
             "finest_downsample": finest,
             "warp_level": warp_level,

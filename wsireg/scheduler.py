@@ -64,6 +64,8 @@ class SchedulerSettings:
     representation: str = DEFAULTS.representation
     smoothing: float = DEFAULTS.smoothing
     """Gaussian standard deviation (px of a level) on each iteration's network field."""
+    flip_average: bool = DEFAULTS.flip_average
+    """Average each patch's prediction over its four flips (4x the network time)."""
     refine: RefineSettings = field(default_factory=RefineSettings)
 
 
@@ -292,6 +294,7 @@ class _Level:
                     group=cfg.group,
                     counts=counts,
                     smoothing=cfg.smoothing,
+                    flip_average=cfg.flip_average,
                 )
             v = v.clone()  # leave inference mode: refinement needs autograd
             report.network_s += time.perf_counter() - start
