@@ -115,7 +115,7 @@ class InferenceSettings:
     flip_average: bool = True
     """Average each patch pair's prediction over its four flips (none, x, y, both; each
     flipped back, with the matching components negated): test-time augmentation that cancels
-    orientation biases and halves noise, at 4x the network time. With the shipped weights:
+    orientation biases and averages out noise, at 4x the network time. With the shipped weights:
     held-out end-point error 1.78 -> 1.55 px (``benchmarks/network_accuracy.py``, 50 pairs),
     ANHIR median rTRE 0.212 % -> 0.186 % (rat kidney) and 0.581 % -> 0.545 % (lesions)."""
 
