@@ -136,10 +136,10 @@ DEFAULTS = InferenceSettings()
 """Fallback settings for models whose metadata does not say."""
 
 
-def inference_settings(model: MultiLevelModel, **overrides: Any) -> InferenceSettings:
-    """Settings stored in ``model.metadata["inference"]`` (else :data:`DEFAULTS`), with
-    ``overrides`` that are not ``None`` applied on top."""
-    stored = dict(model.metadata.get("inference", {}))
+def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> InferenceSettings:
+    """Settings stored in ``model.metadata["inference"]`` (else, and without a model,
+    :data:`DEFAULTS`), with ``overrides`` that are not ``None`` applied on top."""
+    stored = dict(model.metadata.get("inference", {})) if model is not None else {}
     base = {k: stored.get(k, v) for k, v in DEFAULTS.to_dict().items()}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceSettings(**base)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .algorithm import inference_settings
 from .errors import InputError, WsiregError
 from .progress import progress
 from .refine import RefineSettings
@@ -292,24 +293,22 @@ def _settings(
     refine: int | None,
     flip_average: bool | None = None,
 ) -> SchedulerSettings:
-    stored: dict[str, Any] = dict(model.metadata.get("inference", {})) if model else {}
-    defaults = SchedulerSettings()
-    chosen = {
-        "levels": levels or stored.get("levels") or defaults.levels,
-        "iterations": iterations or stored.get("iterations") or defaults.iterations,
-        "patch": patch or stored.get("patch") or defaults.patch,
-        "stride": stride or stored.get("stride") or defaults.stride,
-        "group": group or stored.get("group") or defaults.group,
-        "representation": stored.get("representation", defaults.representation),
-        "smoothing": float(stored.get("smoothing", defaults.smoothing)),
-        "flip_average": bool(
-            stored.get("flip_average", defaults.flip_average)
-            if flip_average is None
-            else flip_average
-        ),
-    }
+    # Algorithm 1's settings: the model's stored ones under the given ones (0 = not given)
+    inference = inference_settings(
+        model,
+        iterations=iterations or None,
+        patch=patch or None,
+        stride=stride or None,
+        group=group or None,
+        flip_average=flip_average,
+    )
+    stored_levels = model.metadata.get("inference", {}).get("levels") if model else None
     steps = refine if refine is not None else (0 if model is not None else 40)
-    return SchedulerSettings(**chosen, refine=RefineSettings(steps=steps))
+    return SchedulerSettings(
+        levels=levels or stored_levels or SchedulerSettings.levels,
+        **asdict(inference),
+        refine=RefineSettings(steps=steps),
+    )
 
 
 @dataclass

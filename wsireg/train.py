@@ -788,8 +788,6 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = _new_model(cfg)
-    if cfg.init_weights and not (resume and ckpt_path.exists()):
-        _load_initial(model, Path(cfg.init_weights))
     optimizers = [torch.optim.Adam(net.parameters(), lr=cfg.lr) for net in model.levels]
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, cfg.lr_decay) for o in optimizers]
     start = 0
@@ -803,6 +801,8 @@ def train(
             obj.load_state_dict(state)
         start = int(ckpt["epoch"])
         history = history[:start]
+    elif cfg.init_weights:  # a fresh run fine-tuning given networks (copied in place)
+        _load_initial(model, Path(cfg.init_weights))
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     sample = data or TrainingData(cfg, slides_dir).pair
     for epoch in range(start, cfg.epochs):
