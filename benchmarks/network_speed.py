@@ -22,12 +22,7 @@ import time
 import torch
 
 from wsireg.network import UNet, UNetConfig, num_parameters, resolve_device
-from wsireg.resources import peak_rss_mib
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM: ru_maxrss of a child would start at its parent's peak (inherited at exec)
-    return peak_rss_mib()
+from wsireg.resources import peak_rss_mib  # VmHWM (a child's ru_maxrss starts at its parent's peak)
 
 
 def main() -> None:
@@ -53,13 +48,13 @@ def main() -> None:
     with torch.inference_mode():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rss0 = _peak_rss_mb()
+        rss0 = peak_rss_mib()
         net(moving, fixed)  # warm-up, and the peak-memory measurement
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            peak_mb = _peak_rss_mb() - rss0
+            peak_mb = peak_rss_mib() - rss0
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
