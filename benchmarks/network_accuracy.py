@@ -9,7 +9,12 @@
     ``fixed(x) = moving(x + u_true(x))``. EPE = ``|u - u_true|`` (px) averaged over tissue pixels
     (optical density of the truly warped moving image), then over pairs. Rows: identity start,
     the multi-level multi-iteration network (the model's stored settings) and the finest
-    level's network alone with one iteration.
+    level's network alone with one iteration. With ``--section-jitter J`` the fixed side of
+    every pair also goes through a fine-scale random displacement of up to ``J`` px (control
+    points every 6-16 px, :func:`wsireg.train.random_displacement`) that the truth leaves out:
+    structures shift individually as between two consecutive sections, and the networks should
+    follow only the smooth part (a validation that mimics real serial sections without using
+    the ANHIR pairs).
 (b) ``anhir_rtre``: the real pairs of ``anhir-5pc/pairs.csv``. The initial affine ``A``
     (target -> source, level-0 px) is :func:`wsireg.align.align`; the network registers the
     source resampled through ``A`` to the target, giving ``T(x) = A (x + u(x))``. Source landmarks
@@ -44,7 +49,13 @@ from wsireg import field
 from wsireg.algorithm import inference_settings, register_pyramid
 from wsireg.network import MultiLevelModel, default_weights_path
 from wsireg.synthetic import SmoothDeformation, synthetic_pair
-from wsireg.train import background_colour, crop_region, heldout_region, restain
+from wsireg.train import (
+    background_colour,
+    crop_region,
+    heldout_region,
+    random_displacement,
+    restain,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -119,6 +130,25 @@ def real_pairs(
     return pairs
 
 
+def section_change(pairs: list[EvalPair], jitter: float, seed: int = 8765) -> list[EvalPair]:
+    """The pairs with their fixed side resampled through a fine random displacement of up to
+    ``jitter`` px that the truth leaves out (a "neighbouring section")."""
+    if jitter <= 0:
+        return pairs
+    rng = np.random.default_rng(seed)
+    out = []
+    for pair in pairs:
+        size = pair.fixed.shape[-1]
+        fine = random_displacement(
+            size, float(rng.uniform(0.5, 1.0)) * jitter, rng, float(rng.uniform(6.0, 16.0))
+        )
+        pos = field.identity_grid((size, size)) + fine
+        fixed = field.sample(pair.fixed.float(), pos, padding=255.0)
+        fixed = fixed.round().clamp(0, 255).to(torch.uint8)
+        out.append(EvalPair(pair.name, pair.moving, fixed, pair.truth))
+    return out
+
+
 def _epe(u: torch.Tensor, pair: EvalPair) -> float:
     err = torch.linalg.vector_norm(u - pair.truth, dim=1)
     return float(err[pair.tissue].mean())
@@ -127,24 +157,29 @@ def _epe(u: torch.Tensor, pair: EvalPair) -> float:
 def run_synthetic(model: MultiLevelModel, args: argparse.Namespace) -> dict:
     pairs = real_pairs(args.pairs, args.size, args.max_displacement, args.slides_dir)
     pairs += synthetic_pairs(args.pairs - len(pairs), args.size, args.max_displacement)
+    pairs = section_change(pairs, args.section_jitter)
+    overrides = _overrides(args)
     rows = {"identity": [], "multi_level": [], "single_level": []}
     per_source: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for pair in pairs:
         zero = torch.zeros_like(pair.truth)
-        multi = register_pyramid(model, pair.moving, pair.fixed)
-        single = register_pyramid(model, pair.moving, pair.fixed, levels=1, iterations=1)
+        multi = register_pyramid(model, pair.moving, pair.fixed, **overrides)
+        single = register_pyramid(
+            model, pair.moving, pair.fixed, **{**overrides, "levels": 1, "iterations": 1}
+        )
         rows["identity"].append(_epe(zero, pair))
         rows["multi_level"].append(_epe(multi, pair))
         rows["single_level"].append(_epe(single, pair))
         src = pair.name.split("@")[0].rstrip("0123456789")
         per_source.setdefault(src, []).append(rows["multi_level"][-1] / rows["identity"][-1])
     mean = {k: float(np.mean(v)) for k, v in rows.items()}
-    cfg = inference_settings(model)
+    cfg = inference_settings(model, **overrides)
     return {
         "benchmark": "network_accuracy",
         "measurement": "synthetic_epe",
         "pairs": len(pairs),
+        "section_jitter_px": args.section_jitter,
         "size": args.size,
         "max_displacement_px": args.max_displacement,
         "levels": model.num_levels,
@@ -202,7 +237,7 @@ def invert_points(
     return x
 
 
-def run_anhir(model: MultiLevelModel, root: Path) -> list[dict]:
+def run_anhir(model: MultiLevelModel, root: Path, overrides: dict | None = None) -> list[dict]:
     from wsireg.align import align
 
     out = []
@@ -221,7 +256,7 @@ def run_anhir(model: MultiLevelModel, root: Path) -> list[dict]:
         t_align = time.perf_counter() - t0
         moving = warp_affine(source, matrix, target.shape[:2])
         t0 = time.perf_counter()
-        u = register_pyramid(model, moving, _tensor(target))
+        u = register_pyramid(model, moving, _tensor(target), **(overrides or {}))
         t_net = time.perf_counter() - t0
         rtre_aff = np.linalg.norm(invert_points(matrix, u * 0, lm_s) - lm_t, axis=1) / diag
         rtre_net = np.linalg.norm(invert_points(matrix, u, lm_s) - lm_t, axis=1) / diag
@@ -233,6 +268,7 @@ def run_anhir(model: MultiLevelModel, root: Path) -> list[dict]:
                 "pair": row["Target image"].split("/")[0].rstrip("_"),
                 "landmarks": n,
                 "size": list(target.shape[:2]),
+                "settings": inference_settings(model, **(overrides or {})).to_dict(),
                 "median_rtre_initial_pct": round(100 * float(np.median(rtre_none)), 3),
                 "median_rtre_affine_pct": round(100 * float(np.median(rtre_aff)), 3),
                 "median_rtre_affine_network_pct": round(100 * float(np.median(rtre_net)), 3),
@@ -300,12 +336,29 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
     }
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """Inference settings given on the command line (else the model's stored ones)."""
+    out = {"smoothing": args.smoothing, "iterations": args.iterations}
+    if args.no_flip_average:
+        out["flip_average"] = False
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_weights_path())
     parser.add_argument("--pairs", type=int, default=50, help="held-out pairs for (a)")
     parser.add_argument("--size", type=int, default=512, help="pair side at the working level")
     parser.add_argument("--max-displacement", type=float, default=30.0)
+    parser.add_argument(
+        "--section-jitter",
+        type=float,
+        default=0.0,
+        help="(a): fine displacement (px) of the fixed side left out of the truth",
+    )
+    parser.add_argument("--smoothing", type=float, default=None, help="override the model's")
+    parser.add_argument("--iterations", type=int, default=None, help="override the model's")
+    parser.add_argument("--no-flip-average", action="store_true", help="override the model's")
     parser.add_argument("--slides-dir", type=Path, default=SHARED / "slides")
     parser.add_argument("--anhir", type=Path, default=SHARED / "anhir-5pc")
     parser.add_argument(
@@ -324,7 +377,7 @@ def main() -> None:
     if "synthetic" in parts:
         print(json.dumps(run_synthetic(model, args)), flush=True)
     if "anhir" in parts:
-        for line in run_anhir(model, args.anhir):
+        for line in run_anhir(model, args.anhir, _overrides(args)):
             print(json.dumps(line), flush=True)
     if "speed" in parts:
         print(json.dumps(run_speed(model, args.size)), flush=True)

@@ -32,6 +32,8 @@ _OVERRIDES = (
     "threads",
     "section_change",
     "content_change",
+    "stain_changes",
+    "similarity",
     "init_weights",
 )
 
@@ -85,6 +87,17 @@ _OVERRIDES = (
     "--content-change",
     type=float,
     help="Probability that a blob of the fixed side shows other tissue (left out of the truth).",
+)
+@click.option(
+    "--similarity",
+    type=click.Choice(["ncc", "lncc2"]),
+    help="SIM of -SIM + alpha*CURV (default ncc, the paper's).",
+)
+@click.option(
+    "--stain-changes",
+    callback=lambda _ctx, _param, value: None if value is None else value.split(","),
+    help="Stain changes of real crops, comma-separated among he,ihc,single,swap,fade "
+    "(default: he,ihc,single,swap).",
 )
 @click.option(
     "--init-weights",

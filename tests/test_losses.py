@@ -81,6 +81,19 @@ def test_registration_loss_identity() -> None:
     assert loss.dim() == 0 and torch.isclose(loss, torch.tensor(-1.0).double())
 
 
+def test_squared_local_ncc_loss_ignores_polarity_unlike_ncc() -> None:
+    a = _texture()
+    zero = torch.zeros(2, 2, 48, 48, dtype=torch.float64)
+    same = ls.registration_loss(a, a, zero, alpha=0, similarity="lncc2")
+    inverted = ls.registration_loss(1 - a, a, zero, alpha=0, similarity="lncc2")
+    assert float(same) < -0.8 and torch.isclose(same, inverted)  # eps damps flat windows
+    assert torch.isclose(ls.registration_loss(1 - a, a, zero, alpha=0), torch.tensor(1.0).double())
+    shifted = ls.registration_loss(torch.roll(a, 3, dims=-1), a, zero, alpha=0, similarity="lncc2")
+    assert float(shifted) > float(same) + 0.2  # misalignment costs
+    with pytest.raises(ValueError, match="unknown similarity"):
+        ls.registration_loss(a, a, zero, alpha=0, similarity="mi")
+
+
 def test_network_input_representations() -> None:
     rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     rgb[:, :, 0, 0] = 255

@@ -1,6 +1,7 @@
 """`wsireg register`: the pipeline end to end on small synthetic pairs, its outputs, resume,
 bad input. Pure instance optimisation (no weights, the default) keeps most of these fast and
-independent of training; one test runs the shipped networks through the streaming scheduler."""
+independent of training; two tests run the shipped networks through the streaming scheduler,
+alone and followed by refinement."""
 
 from __future__ import annotations
 
@@ -92,15 +93,39 @@ def test_register_recovers_a_rotated_deformed_pair(pair: dict, tmp_path: Path) -
 
 
 @pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
-def test_shipped_networks_register_through_the_scheduler(pair: dict, tmp_path: Path) -> None:
+def test_networks_then_refinement_below_an_extra_coarse_level(pair: dict, tmp_path: Path) -> None:
+    out = tmp_path / "hybrid"
+    # one pyramid level more than the model has networks: instance optimisation alone there
+    result = register(
+        pair["source"],
+        pair["target"],
+        out,
+        weights="default",
+        refine=40,
+        levels=4,
+        write_warped=False,
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"]["sha256"] == verify_checksum(default_weights_path())
+    assert report["parameters"]["refine"]["steps"] == 40
+    assert report["parameters"]["flip_average"] is True  # the default for the shipped model
+    levels = report["levels"]
+    assert len(levels) == 4
+    assert levels[0]["patches"] == 0 and levels[0]["refine_s"] > 0  # no network that coarse
+    assert all(level["patches"] > 0 and level["refine_s"] > 0 for level in levels[1:])
+    error = landmark_error(result.transform, pair)
+    assert error.mean() < 2.0 and np.percentile(error, 90) < 3.5, error.mean()
+
+
+@pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
+def test_shipped_networks_alone_register_through_the_scheduler(pair: dict, tmp_path: Path) -> None:
     out = tmp_path / "net"
     result = register(pair["source"], pair["target"], out, weights="default", write_warped=False)
     report = json.loads((out / "report.json").read_text())
-    assert report["weights"]["sha256"] == verify_checksum(default_weights_path())
     assert report["parameters"]["refine"]["steps"] == 0  # the networks alone
-    assert report["parameters"]["flip_average"] is True  # the default for the shipped model
     levels = report["levels"]
-    assert len(levels) <= 3 and all(level["patches"] > 0 for level in levels)
+    assert len(levels) == 3 and all(level["patches"] > 0 for level in levels)
+    assert all(level["refine_s"] == 0 for level in levels)
     assert sum(level["background_patches"] for level in levels) > 0  # glass is skipped
     assert report["similarity"]["final"] > report["similarity"]["affine"] + 0.05
     error = landmark_error(result.transform, pair)

@@ -15,6 +15,7 @@ from wsireg.network import MultiLevelModel
 from wsireg.train import (
     Crop,
     TrainConfig,
+    TrainingData,
     heldout_region,
     load_real_image,
     make_pair,
@@ -116,6 +117,24 @@ def test_restain_changes_colour_but_keeps_structure_and_white() -> None:
         assert np.abs(out.astype(int) - rgb).mean() > 2  # colours changed
         rep2 = network_input(torch.from_numpy(out).permute(2, 0, 1)[None])
         assert float(losses.ncc(rep, rep2)) > 0.3, kind
+
+
+def test_fade_reverses_the_contrast_of_dense_tissue_and_keeps_white() -> None:
+    rgb = _tissue_rgb(96, 3)
+    od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0).sum(-1)
+    dense = od > np.quantile(od, 0.95)
+    medium = (od > np.quantile(od, 0.6)) & (od < np.quantile(od, 0.7))
+    for i in range(4):
+        out = restain(rgb, np.random.default_rng(i), "fade")
+        assert (out[0, 0] >= 254).all()
+        od_out = -np.log((out.astype(np.float64) + 1.0) / 256.0).sum(-1)
+        # the densest tissue comes out lighter than tissue of medium density
+        assert od_out[dense].mean() < od_out[medium].mean(), i
+
+
+def test_stain_changes_are_checked() -> None:
+    with pytest.raises(ValueError, match="stain_changes"):
+        TrainingData(TrainConfig(stain_changes=("he", "bogus")))
 
 
 def test_random_displacement_amplitude_and_no_folding() -> None:

@@ -106,12 +106,16 @@ class InferenceSettings:
     """``G``: patches per network call (memory vs. speed only; results do not depend on it)."""
     representation: str = "od"
     """Network input, see :func:`network_input`."""
-    smoothing: float = 8.0
+    smoothing: float = 16.0
     """Standard deviation (pixels of the level) of the Gaussian applied to each iteration's
     folded field before it is composed (:func:`wsireg.field.smooth_field`; inference only).
     It removes the seams between neighbouring patch centres and the patch-level noise:
     ``benchmarks/network_accuracy.py`` (50 held-out pairs) went from 74.4 % to 85.1 % end-point
-    error reduction with the stage-1 weights (see ``wsireg/weights/README.md``); ``S / 8``."""
+    error reduction with the stage-1 weights (see ``wsireg/weights/README.md``). ``S / 4``:
+    chosen among 8, 16 and 24 px on the held-out pairs alone, with the shipped weights: mean
+    end-point error 1.55 / 1.54 px (plain pairs, 8 / 16) and 1.66 / 1.60 / 1.95 px ("neighbouring
+    section" pairs with 2 px of fine mismatch, ``--section-jitter 2``; 8 / 16 / 24). Its
+    kernel radius (``3 sigma``) must stay within the scheduler's halo."""
     flip_average: bool = True
     """Average each patch pair's prediction over its four flips (none, x, y, both; each
     flipped back, with the matching components negated): test-time augmentation that cancels
@@ -207,6 +211,8 @@ class GroupTrainer:
     losses: list[float] = field(default_factory=list)
     supervision: float = 0.0
     shuffle: bool = True
+    similarity: str = "ncc"
+    """SIM of the loss (:func:`wsireg.losses.registration_loss`): the paper's ``"ncc"``."""
 
     def select(self, n_groups: int) -> set[int]:
         """Indices of the groups to train among ``n_groups``."""
@@ -233,7 +239,7 @@ class GroupTrainer:
         # edge replication: padding with background would bias the NCC towards small
         # displacements wherever the warp looks beyond the patch
         warped = fields.warp_image(loss_moving, pred, padding="border")
-        loss = losses.registration_loss(warped, loss_fixed, pred, self.alpha)
+        loss = losses.registration_loss(warped, loss_fixed, pred, self.alpha, self.similarity)
         if self.supervision > 0 and target is not None:
             loss = loss + self.supervision * torch.linalg.vector_norm(pred - target, dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)

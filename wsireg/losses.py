@@ -158,9 +158,23 @@ def diffusion(u: Tensor) -> Tensor:
     return (dx * dx).flatten(1).mean(dim=1) + (dy * dy).flatten(1).mean(dim=1)
 
 
-def registration_loss(warped: Tensor, fixed: Tensor, u: Tensor, alpha: float) -> Tensor:
-    """The paper's objective (Eq. 1), a scalar: ``mean_N[-NCC(warped, fixed) + alpha CURV(u)]``."""
-    return (-ncc(warped, fixed) + alpha * curvature(u)).mean()
+SIMILARITIES = ("ncc", "lncc2")
+"""Similarities of :func:`registration_loss`."""
+
+
+def registration_loss(
+    warped: Tensor, fixed: Tensor, u: Tensor, alpha: float, similarity: str = "ncc"
+) -> Tensor:
+    """The paper's objective (Eq. 1), a scalar: ``mean_N[-SIM(warped, fixed) + alpha CURV(u)]``
+    with SIM the global NCC of each item (``"ncc"``, the paper's) or the mean squared local NCC
+    (``"lncc2"``, 7 px windows: polarity-free, the similarity of :mod:`wsireg.refine`)."""
+    if similarity == "ncc":
+        sim = ncc(warped, fixed)
+    elif similarity == "lncc2":
+        sim = (local_ncc_map(warped, fixed, 7) ** 2).flatten(1).mean(dim=1)
+    else:
+        raise ValueError(f"unknown similarity {similarity!r} (use {', '.join(SIMILARITIES)})")
+    return (-sim + alpha * curvature(u)).mean()
 
 
 # --- network input representation ----------------------------------------------------------------

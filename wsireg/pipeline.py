@@ -44,6 +44,8 @@ THUMBNAIL_SIDE = 1024
 DEFAULT_FIELD_SIDE = 2048
 #: Longest side of the coarsest pyramid level.
 COARSEST_SIDE = 256
+#: Default instance-optimisation steps per block at the coarsest level without networks.
+REFINE_STEPS = 40
 #: Scale mismatch tolerated when the mpp of a slide is unknown.
 MAX_UNKNOWN_SCALE = 1.5
 
@@ -95,16 +97,23 @@ def default_finest_downsample(target_ref: SlideRef, side: int = DEFAULT_FIELD_SI
     return float(2 ** max(0, math.ceil(math.log2(longest / side))))
 
 
-def default_levels(target_ref: SlideRef, finest: float, model: Any = None) -> int:
-    """Levels until the coarsest grid is about :data:`COARSEST_SIDE` pixels (1 to 8), and no
-    more than the model has networks: a network run at a scale it was not trained for (the
-    coarsest one reused one level coarser) made the demo's error 3x worse (5.2 vs 1.8 px).
-    Without a model, a coarse enough start matters at level 0 of large slides: a 10k^2 pair
-    (up to 40 px of deformation) ended at 5.8 px mean error with 4 levels, 2.5 with 5 and
-    1.95 with 6 (coarsest 32x), and faster (refinement steps halve per finer level)."""
+def default_levels(
+    target_ref: SlideRef, finest: float, networks: int = 0, refine: bool = True
+) -> int:
+    """Levels until the coarsest grid is about :data:`COARSEST_SIDE` pixels (1 to 8), and at
+    least the model's ``networks`` (Algorithm 1's ``N`` is the model's: skipping its coarsest
+    network, trained for the largest displacements, cost the ANHIR lesions pair 0.516 % ->
+    0.563 % median rTRE, networks only). A coarse enough start matters at level 0 of large
+    slides: a 10k^2 pair (up to 40 px of deformation) ended at 5.8 px mean error with 4
+    levels, 2.5 with 5 and 1.95 with 6 (coarsest 32x), and faster (refinement steps halve per
+    finer level). Levels coarser than the networks are registered by instance optimisation
+    alone (:func:`wsireg.scheduler.estimate_field`), so without ``refine`` the depth is the
+    model's."""
     longest = max(target_ref.shape) / finest
     levels = int(np.clip(math.floor(math.log2(max(longest, 1) / COARSEST_SIDE)) + 1, 1, 8))
-    return levels if model is None else min(levels, model.num_levels)
+    if networks and not refine:
+        return networks
+    return max(levels, networks)
 
 
 def ensure_pyramid(slide: Any, workdir: Path, side: int = THUMBNAIL_SIDE) -> Any:
@@ -148,16 +157,17 @@ def register(
 
     ``level``: target level of the finest field (0 = full resolution; default: from the slide
     size, see :func:`default_finest_downsample`). ``levels``, ``iterations``, ``patch``,
-    ``stride``, ``group``: Algorithm 1's N, M, P, S, G (defaults: the shipped model's).
-    ``refine``: instance-optimisation steps per block and level (default: 0 with weights, 40
-    without). ``flip_average``: average the networks' predictions over the four flips of
-    each patch (default: the model's setting; see ``InferenceSettings.flip_average``).
+    ``stride``, ``group``: Algorithm 1's N, M, P, S, G (defaults: the model's; N see
+    :func:`default_levels`). ``refine``: instance-optimisation steps per block at the coarsest
+    level, halved per finer level (default: 0 with weights, 40 without).
+    ``flip_average``: average the networks' predictions over the four flips of each patch
+    (default: the model's setting; see ``InferenceSettings.flip_average``).
     ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the shipped
-    networks) or a path. The networks are opt-in because on the real ANHIR pairs they do not
-    beat the affine start on both (rat kidney 0.19 %, lesions 0.55 % median rTRE against
-    0.26 % / 0.54 %; ``benchmarks/anhir_accuracy.py --weights default --refine 0``), while
-    optimisation alone reaches 0.19 % / 0.51 %; on synthetic pairs the networks are accurate
-    (``benchmarks/network_accuracy.py``).
+    networks) or a path. The networks are opt-in because on the real ANHIR pairs they are not
+    yet as accurate as optimisation alone (``benchmarks/anhir_accuracy.py``, median rTRE rat
+    kidney / lesions: networks 0.214 % / 0.544 %, networks + 40 steps 0.209 % / 0.551 %,
+    optimisation alone 0.191 % / 0.505 %, affine 0.257 % / 0.536 %); on held-out synthetic
+    pairs they are accurate (``benchmarks/network_accuracy.py``).
     """
     from .output import remove, staged_output
     from .slide import open_slide
@@ -183,7 +193,9 @@ def register(
             else target_ref.level_downsample(level)
         )
         if levels is None:
-            settings = replace(settings, levels=default_levels(target_ref, finest, model))
+            networks = model.num_levels if model is not None else 0
+            depth = default_levels(target_ref, finest, networks, settings.refine.steps > 0)
+            settings = replace(settings, levels=depth)
 
         start = time.perf_counter()
         affine, align_info, thumbs = _align(source_read, target_read, work, resume)
@@ -303,7 +315,7 @@ def _settings(
         flip_average=flip_average,
     )
     stored_levels = model.metadata.get("inference", {}).get("levels") if model else None
-    steps = refine if refine is not None else (0 if model is not None else 40)
+    steps = refine if refine is not None else (0 if model is not None else REFINE_STEPS)
     return SchedulerSettings(
         levels=levels or stored_levels or SchedulerSettings.levels,
         **asdict(inference),

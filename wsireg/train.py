@@ -95,6 +95,7 @@ from wsireg.progress import progress
 
 __all__ = [
     "HOLDOUT",
+    "STAIN_CHANGES",
     "Crop",
     "Pair",
     "TrainConfig",
@@ -116,6 +117,10 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 LOG = "log.csv"
 CONFIG = "config.json"
+
+STAIN_CHANGES = ("he", "ihc", "single", "swap")
+"""The stain changes :func:`restain` draws from by default (those of the shipped weights'
+first two training stages); ``"fade"`` is the optional fifth."""
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -214,6 +219,11 @@ class TrainConfig:
     """Largest fine-scale displacement of a "neighbouring section", pixels of the crop."""
     section_spacing: tuple[float, float] = (6.0, 16.0)
     """Range of the control-point spacing of that fine-scale displacement, pixels."""
+    stain_changes: tuple[str, ...] = STAIN_CHANGES
+    """Stain changes of real crops, drawn uniformly (:func:`restain`)."""
+    similarity: str = "ncc"
+    """SIM of ``-SIM + alpha CURV``: ``"ncc"`` (the paper's) or ``"lncc2"`` (mean squared
+    local NCC, polarity-free, for ``stain_loss = "cross"``)."""
     stain_loss: str = "same"
     """``"same"``: loss compares both sides in the original stain; ``"cross"``: the inputs."""
     representation: str = "od"
@@ -264,6 +274,7 @@ class TrainConfig:
             "synthetic_downsample",
             "deformation_spacing",
             "section_spacing",
+            "stain_changes",
         )
         for key in (*keys, "finest_level_probs"):
             if values.get(key) is not None:
@@ -271,13 +282,15 @@ class TrainConfig:
         return cls(**values)
 
     def inference(self) -> InferenceSettings:
-        """The inference settings stored with the trained model."""
+        """The inference settings stored with the trained model (field smoothing ``S / 4``,
+        see :attr:`wsireg.algorithm.InferenceSettings.smoothing`)."""
         return InferenceSettings(
             iterations=self.iterations,
             patch=self.inference_patch,
             stride=self.inference_stride,
             group=self.inference_group,
             representation=self.representation,
+            smoothing=self.inference_stride / 4.0,
         )
 
     def network(self) -> UNetConfig:
@@ -409,17 +422,24 @@ def _smooth_mask(shape: tuple[int, int], rng: np.random.Generator, fraction: flo
     return np.clip((up - thr) / (up.std() * 0.2 + 1e-6) + 0.5, 0.0, 1.0)
 
 
-def restain(rgb: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+def restain(
+    rgb: np.ndarray,
+    rng: np.random.Generator,
+    kind: str | None = None,
+    kinds: tuple[str, ...] = STAIN_CHANGES,
+) -> np.ndarray:
     """The same tissue in another staining, by remixing dye amounts in optical-density space.
 
     Beer-Lambert: ``OD = -ln((I + 1) / 256) = c @ V`` with ``V`` the H, E, DAB unit vectors
     (rows), so ``c = OD @ V^-1``. The new image is ``I' = 256 exp(-c' @ V') - 1`` with jittered
-    dye vectors ``V'`` and new amounts ``c'`` by ``kind`` (random if ``None``): ``"he"`` (H&E
-    with other intensities), ``"ihc"`` (haematoxylin counterstain + DAB on the eosin/DAB
-    structures of a smooth random subset of the image), ``"single"`` (all structure in one random
-    dye), ``"swap"`` (haematoxylin and eosin exchanged). White stays white.
+    dye vectors ``V'`` and new amounts ``c'`` by ``kind`` (random among ``kinds`` if ``None``):
+    ``"he"`` (H&E with other intensities), ``"ihc"`` (haematoxylin counterstain + DAB on the
+    eosin/DAB structures of a smooth random subset of the image), ``"single"`` (all structure in
+    one random dye), ``"swap"`` (haematoxylin and eosin exchanged), ``"fade"`` (all structure in
+    one random dye through the non-monotonic ``t -> t exp((1 - (t / t0)^2) / 2)``: denser than
+    ``t0`` turns *lighter*, so contrast is reversed between dense and medium structures, as a
+    cell-dense region dark in H&E may be pale in an IHC stain). White stays white.
     """
-    kinds = ("he", "ihc", "single", "swap")
     kind = kind or kinds[int(rng.integers(len(kinds)))]
     basis = _dye_basis()
     od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
@@ -441,6 +461,13 @@ def restain(rgb: np.ndarray, rng: np.random.Generator, kind: str | None = None) 
         new[..., int(rng.integers(3))] = total
     elif kind == "swap":
         new = np.stack([e * gain(0.6, 1.4), h * gain(0.6, 1.4), d], -1)
+    elif kind == "fade":
+        total = h + e + d
+        dense = total[total > 0.1]
+        t0 = float(np.quantile(dense, rng.uniform(0.3, 0.8))) if dense.size else 1.0
+        new = np.zeros_like(conc)
+        ratio = total / t0
+        new[..., int(rng.integers(3))] = t0 * ratio * np.exp(0.5 - 0.5 * ratio**2) * gain(0.6, 1.5)
     else:
         raise ValueError(f"unknown stain change {kind!r}")
     vectors = np.abs(basis + rng.normal(0.0, 0.08, basis.shape))
@@ -651,6 +678,9 @@ class TrainingData:
         unknown = set(weights) - {"synthetic", "cmu", "tcga", "ihc"}
         if unknown or not weights:
             raise ValueError(f"bad sources {cfg.sources!r} (use synthetic, cmu, tcga, ihc)")
+        bad = set(cfg.stain_changes) - {*STAIN_CHANGES, "fade"}
+        if bad or not cfg.stain_changes:
+            raise ValueError(f"bad stain_changes {cfg.stain_changes!r} (use {STAIN_CHANGES}, fade)")
         self.names = sorted(weights)
         total = sum(weights.values())
         self.probs = np.array([weights[n] / total for n in self.names])
@@ -666,7 +696,8 @@ class TrainingData:
         lo, hi = self.cfg.scale_range
         scale = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         clean = crop_region(self.real[name], side, scale, rng)
-        return Crop(clean, restain(clean, rng), f"{name}@{scale:.2f}")
+        other = restain(clean, rng, kinds=tuple(self.cfg.stain_changes))
+        return Crop(clean, other, f"{name}@{scale:.2f}")
 
     def _banked_synthetic(self, side: int, rng: np.random.Generator) -> Crop:
         """A synthetic crop from the bank (filled on first use with its own generator, so the
@@ -844,7 +875,10 @@ def _run_epoch(
     lrs = [o.param_groups[0]["lr"] for o in optimizers]
     beta = cfg.supervision * max(0.0, 1.0 - epoch / max(cfg.supervision_epochs, 1))
     trainers = [
-        GroupTrainer(o, cfg.alpha, cfg.train_groups, gen, supervision=beta) for o in optimizers
+        GroupTrainer(
+            o, cfg.alpha, cfg.train_groups, gen, supervision=beta, similarity=cfg.similarity
+        )
+        for o in optimizers
     ]
     model.train()
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
