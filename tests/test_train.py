@@ -15,7 +15,6 @@ from wsireg.network import MultiLevelModel
 from wsireg.train import (
     Crop,
     TrainConfig,
-    TrainingData,
     heldout_region,
     load_real_image,
     make_pair,
@@ -132,9 +131,14 @@ def test_fade_reverses_the_contrast_of_dense_tissue_and_keeps_white() -> None:
         assert od_out[dense].mean() < od_out[medium].mean(), i
 
 
-def test_stain_changes_are_checked() -> None:
+def test_training_choices_are_checked_when_configured() -> None:
     with pytest.raises(ValueError, match="stain_changes"):
-        TrainingData(TrainConfig(stain_changes=("he", "bogus")))
+        TrainConfig(stain_changes=("he", "bogus"))
+    with pytest.raises(ValueError, match="similarity"):
+        TrainConfig.from_dict({"similarity": "mi"})
+    with pytest.raises(ValueError, match="stain_loss"):
+        TrainConfig(stain_loss="both")
+    assert TrainConfig.from_dict({"stain_changes": ["fade", "he"]}).stain_changes == ("fade", "he")
 
 
 def test_random_displacement_amplitude_and_no_folding() -> None:

@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from wsireg import field as wfield
 from wsireg.algorithm import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
 from wsireg.errors import InputError, WsiregError
+from wsireg.losses import SIMILARITIES
 from wsireg.network import MultiLevelModel, UNetConfig
 from wsireg.progress import progress
 
@@ -249,6 +250,18 @@ class TrainConfig:
     instead of a random initialisation."""
     threads: int | None = 1
     """torch CPU threads (``None``: torch's default; one is fastest for these small steps)."""
+
+    def __post_init__(self) -> None:
+        """Reject unknown choices at once (not at the first training step)."""
+        bad = set(self.stain_changes) - {*STAIN_CHANGES, "fade"}
+        if bad or not self.stain_changes:
+            raise ValueError(
+                f"bad stain_changes {self.stain_changes!r} (use he, ihc, single, swap, fade)"
+            )
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"bad similarity {self.similarity!r} (use {', '.join(SIMILARITIES)})")
+        if self.stain_loss not in ("same", "cross"):
+            raise ValueError(f"bad stain_loss {self.stain_loss!r} (use same or cross)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON."""
@@ -678,9 +691,6 @@ class TrainingData:
         unknown = set(weights) - {"synthetic", "cmu", "tcga", "ihc"}
         if unknown or not weights:
             raise ValueError(f"bad sources {cfg.sources!r} (use synthetic, cmu, tcga, ihc)")
-        bad = set(cfg.stain_changes) - {*STAIN_CHANGES, "fade"}
-        if bad or not cfg.stain_changes:
-            raise ValueError(f"bad stain_changes {cfg.stain_changes!r} (use {STAIN_CHANGES}, fade)")
         self.names = sorted(weights)
         total = sum(weights.values())
         self.probs = np.array([weights[n] / total for n in self.names])
