@@ -241,6 +241,7 @@ def run_anhir(model: MultiLevelModel, root: Path, overrides: dict | None = None)
     from wsireg.align import align
 
     out = []
+    settings = inference_settings(model, **(overrides or {}))
     with open(root / "pairs.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
@@ -256,7 +257,7 @@ def run_anhir(model: MultiLevelModel, root: Path, overrides: dict | None = None)
         t_align = time.perf_counter() - t0
         moving = warp_affine(source, matrix, target.shape[:2])
         t0 = time.perf_counter()
-        u = register_pyramid(model, moving, _tensor(target), **(overrides or {}))
+        u = register_pyramid(model, moving, _tensor(target), **settings.to_dict())
         t_net = time.perf_counter() - t0
         rtre_aff = np.linalg.norm(invert_points(matrix, u * 0, lm_s) - lm_t, axis=1) / diag
         rtre_net = np.linalg.norm(invert_points(matrix, u, lm_s) - lm_t, axis=1) / diag
@@ -268,7 +269,7 @@ def run_anhir(model: MultiLevelModel, root: Path, overrides: dict | None = None)
                 "pair": row["Target image"].split("/")[0].rstrip("_"),
                 "landmarks": n,
                 "size": list(target.shape[:2]),
-                "settings": inference_settings(model, **(overrides or {})).to_dict(),
+                "settings": settings.to_dict(),
                 "median_rtre_initial_pct": round(100 * float(np.median(rtre_none)), 3),
                 "median_rtre_affine_pct": round(100 * float(np.median(rtre_aff)), 3),
                 "median_rtre_affine_network_pct": round(100 * float(np.median(rtre_net)), 3),

@@ -96,6 +96,7 @@ from wsireg.progress import progress
 
 __all__ = [
     "HOLDOUT",
+    "KNOWN_STAIN_CHANGES",
     "STAIN_CHANGES",
     "Crop",
     "Pair",
@@ -121,7 +122,9 @@ CONFIG = "config.json"
 
 STAIN_CHANGES = ("he", "ihc", "single", "swap")
 """The stain changes :func:`restain` draws from by default (those of the shipped weights'
-first two training stages); ``"fade"`` is the optional fifth."""
+first two training stages)."""
+KNOWN_STAIN_CHANGES = (*STAIN_CHANGES, "fade")
+"""Every stain change :func:`restain` knows (``"fade"`` is opt-in)."""
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -253,10 +256,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject unknown choices at once (not at the first training step)."""
-        bad = set(self.stain_changes) - {*STAIN_CHANGES, "fade"}
-        if bad or not self.stain_changes:
+        if not self.stain_changes or set(self.stain_changes) - set(KNOWN_STAIN_CHANGES):
             raise ValueError(
-                f"bad stain_changes {self.stain_changes!r} (use he, ihc, single, swap, fade)"
+                f"bad stain_changes {self.stain_changes!r} (use {', '.join(KNOWN_STAIN_CHANGES)})"
             )
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"bad similarity {self.similarity!r} (use {', '.join(SIMILARITIES)})")
