@@ -428,7 +428,7 @@ def _dye_basis() -> np.ndarray:
     return basis / np.linalg.norm(basis, axis=1, keepdims=True)
 
 
-def _smooth_mask(shape: tuple[int, int], rng: np.random.Generator, fraction: float) -> np.ndarray:
+def smooth_mask(shape: tuple[int, int], rng: np.random.Generator, fraction: float) -> np.ndarray:
     """A smooth random ``[0, 1]`` mask covering about ``fraction`` of ``shape``."""
     k = int(rng.integers(3, 8))
     noise = rng.normal(size=(k, k)).astype(np.float32)
@@ -467,7 +467,7 @@ def restain(
     if kind == "he":
         new = np.stack([h * gain(0.6, 1.5), e * gain(0.5, 1.6), d * gain(0.5, 1.5)], -1)
     elif kind == "ihc":
-        mask = _smooth_mask(h.shape, rng, float(rng.uniform(0.3, 0.9)))
+        mask = smooth_mask(h.shape, rng, float(rng.uniform(0.3, 0.9)))
         dab = (e + d) * mask * gain(0.6, 2.0)
         new = np.stack([(h + 0.25 * e) * gain(0.4, 1.0), 0.05 * e, dab], -1)
     elif kind == "single":
@@ -621,7 +621,7 @@ def _change_content(
     k = int(rng.integers(1, 4))
     shift = torch.from_numpy(rng.uniform(-0.5, 0.5, 2).astype(np.float32)).reshape(1, 2, 1, 1)
     positions = grid + shift * float(grid.min())  # up to half the margin either way
-    mask = _smooth_mask((size, size), rng, float(rng.uniform(0.1, 0.4)))[..., None]
+    mask = smooth_mask((size, size), rng, float(rng.uniform(0.1, 0.4)))[..., None]
     for out, rgb in ((net, net_rgb), (loss, clean_rgb)):
         donor = _sample_rgb(np.ascontiguousarray(np.rot90(rgb, k)), positions)
         out[:] = np.round(out * (1.0 - mask) + donor * mask).astype(np.uint8)
