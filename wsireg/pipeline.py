@@ -103,8 +103,8 @@ def default_levels(
     """Levels until the coarsest grid is about :data:`COARSEST_SIDE` pixels (1 to 8), and at
     least the model's ``networks`` (Algorithm 1's ``N`` is the model's; the old rule gave the
     ANHIR lesions pair only the two finest networks: 0.563 % median rTRE, networks only,
-    against 0.544 % with all three). A coarse enough start matters at level 0 of large
-    slides: a 10k^2 pair (up to 40 px of deformation) ended at 5.8 px mean error with 4
+    against 0.544 % with all three, stage-2 networks). A coarse enough start matters at level
+    0 of large slides: a 10k^2 pair (up to 40 px of deformation) ended at 5.8 px mean error with 4
     levels, 2.5 with 5 and 1.95 with 6 (coarsest 32x), and faster (refinement steps halve per
     finer level). Levels coarser than the networks are registered by instance optimisation
     alone (:func:`wsireg.scheduler.estimate_field`), so without ``refine`` the depth is the
@@ -165,7 +165,7 @@ def register(
     ``weights``: ``None`` (default: pure instance optimisation), ``"default"`` (the shipped
     networks) or a path. The networks are opt-in because on the real ANHIR pairs they are not
     yet as accurate as optimisation alone (``benchmarks/anhir_accuracy.py``, median rTRE rat
-    kidney / lesions: networks 0.214 % / 0.544 %, networks + 40 steps 0.209 % / 0.551 %,
+    kidney / lesions: networks 0.213 % / 0.547 %, networks + 40 steps 0.204 % / 0.568 %,
     optimisation alone 0.191 % / 0.505 %, affine 0.257 % / 0.536 %); on held-out synthetic
     pairs they are accurate (``benchmarks/network_accuracy.py``).
     """

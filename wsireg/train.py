@@ -218,7 +218,8 @@ class TrainConfig:
     content_change: float = 0.0
     """Probability that part of the fixed side (a smooth random blob, 10-40 % of the crop) shows
     other tissue (the crop turned and shifted), as structures that end between two sections;
-    the known displacement stays the smooth one (0 = off)."""
+    the known displacement stays the smooth one (0 = off; stage 3 of the shipped weights used
+    0.5: held-out end-point error 1.54 -> 1.34 px, the ANHIR pairs unchanged)."""
     section_jitter: float = 2.0
     """Largest fine-scale displacement of a "neighbouring section", pixels of the crop."""
     section_spacing: tuple[float, float] = (6.0, 16.0)
