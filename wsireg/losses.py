@@ -66,6 +66,12 @@ def local_ncc(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tenso
     return local_ncc_map(a, b, window, eps).flatten(1).mean(dim=1)
 
 
+def squared_local_ncc(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tensor:
+    """Mean over pixels of the squared windowed NCC, ``(N,)`` in ``[0, 1]``: polarity-free (a
+    structure dark in one stain and light in the other still matches)."""
+    return (local_ncc_map(a, b, window, eps) ** 2).flatten(1).mean(dim=1)
+
+
 def local_ncc_map(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tensor:
     """The per-pixel windowed NCC of :func:`local_ncc`, ``(N, C, H, W)``."""
     if window % 2 != 1:
@@ -171,7 +177,7 @@ def registration_loss(
     if similarity == "ncc":
         sim = ncc(warped, fixed)
     elif similarity == "lncc2":
-        sim = (local_ncc_map(warped, fixed, 7) ** 2).flatten(1).mean(dim=1)
+        sim = squared_local_ncc(warped, fixed, 7)
     else:
         raise ValueError(f"unknown similarity {similarity!r} (use {', '.join(SIMILARITIES)})")
     return (-sim + alpha * curvature(u)).mean()

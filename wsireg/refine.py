@@ -106,7 +106,7 @@ def _similarity(moving: Tensor, fixed: Tensor, settings: RefineSettings):  # typ
 
         def lncc2(v: Tensor) -> Tensor:
             warped = fields.warp_image(moving, v, padding=0.0)
-            return (losses.local_ncc_map(warped, fixed, settings.window) ** 2).mean()
+            return losses.squared_local_ncc(warped, fixed, settings.window).mean()
 
         return lncc2
     if settings.similarity == "mind":
