@@ -35,6 +35,7 @@ _OVERRIDES = (
     "stain_changes",
     "similarity",
     "init_weights",
+    "representation",
 )
 
 
@@ -98,6 +99,12 @@ _OVERRIDES = (
     callback=lambda _ctx, _param, value: None if value is None else value.split(","),
     help="Stain changes of real crops, comma-separated among he,ihc,single,swap,fade "
     "(default: he,ihc,single,swap).",
+)
+@click.option(
+    "--representation",
+    type=click.Choice(["od", "grey", "haematoxylin"]),
+    help="Network input: optical-density magnitude (od, default), inverted grey, or the "
+    "haematoxylin amount by colour deconvolution.",
 )
 @click.option(
     "--init-weights",

@@ -109,3 +109,20 @@ def test_network_input_representations() -> None:
         ls.to_network_input(rgb, "pca")
     with pytest.raises(ValueError):
         ls.to_network_input(rgb[:, :1])
+
+
+def test_haematoxylin_unmixes_the_nuclear_stain() -> None:
+    from wsireg.synthetic import EOSIN, HEMATOXYLIN
+
+    def dyed(vector: tuple[float, float, float], amount: float) -> torch.Tensor:
+        v = torch.tensor(vector, dtype=torch.float64)
+        od = amount * v / v.norm()  # log10 optical density of ``amount`` of the dye
+        unit = ((256.0 * 10.0 ** (-od) - 1.0) / 255.0).clamp(0, 1)
+        return unit.float().view(1, 3, 1, 1)
+
+    h = [float(ls.haematoxylin(dyed(HEMATOXYLIN, a))) for a in (0.3, 0.6)]
+    assert h[0] == pytest.approx(0.3 / ls.OD_REFERENCE, rel=0.02)
+    assert h[1] == pytest.approx(2 * h[0], rel=0.02)  # linear in the dye amount
+    assert float(ls.haematoxylin(dyed(EOSIN, 0.8))) < 0.02  # eosin alone is not haematoxylin
+    white = torch.ones(1, 3, 2, 2)
+    assert torch.all(ls.to_network_input(white, "haematoxylin") == 0)

@@ -138,6 +138,8 @@ def test_training_choices_are_checked_when_configured() -> None:
         TrainConfig.from_dict({"similarity": "mi"})
     with pytest.raises(ValueError, match="stain_loss"):
         TrainConfig(stain_loss="both")
+    with pytest.raises(ValueError, match="representation"):
+        TrainConfig(representation="rgb")
     assert TrainConfig.from_dict({"stain_changes": ["fade", "he"]}).stain_changes == ("fade", "he")
 
 
@@ -212,10 +214,14 @@ def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
             }
         )
     )
-    result = run_cli("-q", "train", config, "-o", out, "--epochs", "1", "--iterations", "1")
+    result = run_cli(
+        "-q", "train", config, "-o", out, "--epochs", "1", "--iterations", "1",
+        "--representation", "haematoxylin",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     model = MultiLevelModel.load(out / "model.pt")
     assert model.num_levels == 2 and model.metadata["inference"]["iterations"] == 1
+    assert model.metadata["inference"]["representation"] == "haematoxylin"
     assert json.loads((out / "config.json").read_text())["crop"] == 64
     bad = run_cli("-q", "train", config, "-o", out, "--resume", "--patch", "32")
     assert bad.exit_code != 0

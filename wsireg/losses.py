@@ -185,6 +185,9 @@ def registration_loss(
 
 # --- network input representation ----------------------------------------------------------------
 
+#: The network input representations of :func:`to_network_input`.
+REPRESENTATIONS = ("od", "grey", "haematoxylin")
+
 #: Optical-density magnitude mapped to 1 (Beer-Lambert, log10); dense tissue is ~0.5-1.5.
 OD_REFERENCE = 1.5
 
@@ -220,6 +223,25 @@ def grey_inverted(rgb: Tensor) -> Tensor:
     return 1.0 - (unit * weights).sum(dim=1, keepdim=True)
 
 
+def haematoxylin(rgb: Tensor, reference: float = OD_REFERENCE) -> Tensor:
+    """Haematoxylin amount by colour deconvolution, ``clamp(c_H / reference, 0, 1)``:
+    ``(N, 1, H, W)``.
+
+    The optical density is split into the unit OD vectors of haematoxylin, eosin and DAB
+    (Ruifrok & Johnston, :mod:`wsireg.synthetic`), ``OD = c @ V``, ``c = OD @ V^-1``, and only
+    the haematoxylin amount is kept: the nuclear (counter)stain that H&E, immunohistochemistry
+    and most special stains share, while eosin and DAB mark structures that differ by stain.
+    """
+    from wsireg.synthetic import DAB, EOSIN, HEMATOXYLIN
+
+    od = optical_density(rgb)
+    basis = od.new_tensor([HEMATOXYLIN, EOSIN, DAB], dtype=torch.float64)
+    basis = basis / torch.linalg.vector_norm(basis, dim=1, keepdim=True)
+    unmix = torch.linalg.inv(basis)[:, 0].to(od.dtype)  # column of V^-1 giving c_H
+    amount = (od * unmix.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    return (amount / reference).clamp(0.0, 1.0)
+
+
 def to_network_input(rgb: Tensor, representation: str = "od") -> Tensor:
     """One stain-robust channel per image for the network: ``(N, 1, H, W)`` float in ``[0, 1]``.
 
@@ -237,4 +259,8 @@ def to_network_input(rgb: Tensor, representation: str = "od") -> Tensor:
         return od_magnitude(rgb)
     if representation == "grey":
         return grey_inverted(rgb)
-    raise ValueError(f"unknown representation {representation!r} (use 'od' or 'grey')")
+    if representation == "haematoxylin":
+        return haematoxylin(rgb)
+    raise ValueError(
+        f"unknown representation {representation!r} (use {', '.join(REPRESENTATIONS)})"
+    )

@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from wsireg import field as wfield
 from wsireg.algorithm import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
 from wsireg.errors import InputError, WsiregError
-from wsireg.losses import SIMILARITIES
+from wsireg.losses import REPRESENTATIONS, SIMILARITIES
 from wsireg.network import MultiLevelModel, UNetConfig
 from wsireg.progress import progress
 
@@ -232,6 +232,7 @@ class TrainConfig:
     stain_loss: str = "same"
     """``"same"``: loss compares both sides in the original stain; ``"cross"``: the inputs."""
     representation: str = "od"
+    """Network input (:func:`wsireg.losses.to_network_input`)."""
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     head_width: int = 16
     seed: int = 0
@@ -265,6 +266,10 @@ class TrainConfig:
             raise ValueError(f"bad similarity {self.similarity!r} (use {', '.join(SIMILARITIES)})")
         if self.stain_loss not in ("same", "cross"):
             raise ValueError(f"bad stain_loss {self.stain_loss!r} (use same or cross)")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"bad representation {self.representation!r} (use {', '.join(REPRESENTATIONS)})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON."""
