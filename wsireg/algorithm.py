@@ -73,7 +73,8 @@ BACKGROUND = 0.0
 used to pad patches and to fill warped images outside the moving image."""
 
 TISSUE_LEVEL = 0.06
-"""Network-representation value (optical-density magnitude, 0..1) above which a pixel is tissue."""
+"""Network-representation value (0..1: optical-density magnitude, or haematoxylin amount for
+the shipped networks) above which a pixel counts as stained tissue."""
 TISSUE_SHARE = 0.002
 """Share of tissue pixels below which a patch (or a scheduler block) counts as background."""
 
