@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg import losses
+from wsireg import field, losses
 from wsireg.algorithm import TISSUE_LEVEL
+from wsireg.annotations import read_landmarks
+from wsireg.synthetic import dye_basis
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATCH, STEP, SEARCH = 64, 32, 8
@@ -47,11 +49,6 @@ def _rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0
 
 
-def _landmarks(path: Path) -> np.ndarray:
-    with open(path, newline="") as fh:
-        return np.array([[float(r["X"]), float(r["Y"])] for r in csv.DictReader(fh)])
-
-
 def fitted_affine(source_pts: np.ndarray, target_pts: np.ndarray) -> np.ndarray:
     """Least-squares ``(2, 3)`` affine mapping target points onto source points."""
     design = np.c_[target_pts, np.ones(len(target_pts))]
@@ -61,13 +58,10 @@ def fitted_affine(source_pts: np.ndarray, target_pts: np.ndarray) -> np.ndarray:
 
 def resample(source: torch.Tensor, matrix: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     """``source`` read at ``matrix @ (x, y, 1)`` for every target pixel (white outside)."""
-    h, w = shape
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    pts = torch.stack((xs, ys, torch.ones_like(xs)), -1).double() @ torch.from_numpy(matrix).T
-    sh, sw = source.shape[-2:]
-    grid = torch.stack((2 * pts[..., 0] / (sw - 1) - 1, 2 * pts[..., 1] / (sh - 1) - 1), -1)
-    out = F.grid_sample(source - 1.0, grid[None].float(), align_corners=True)
-    return out + 1.0
+    grid = field.identity_grid(shape, dtype=torch.float64)
+    positions = torch.einsum("ij,njhw->nihw", torch.from_numpy(matrix[:, :2]), grid)
+    positions = positions + torch.from_numpy(matrix[:, 2]).view(1, 2, 1, 1)
+    return field.sample(source, positions.float(), padding=1.0)
 
 
 def best_shifts(moving: torch.Tensor, fixed: torch.Tensor, tissue: torch.Tensor) -> np.ndarray:
@@ -103,19 +97,18 @@ def macenko_haematoxylin(rgb: torch.Tensor) -> np.ndarray:
 
 def stain_rows(images: dict[str, torch.Tensor]) -> None:
     """Print the stain-vector line of each image (module docstring)."""
-    from wsireg.synthetic import HEMATOXYLIN
-
-    ref = np.array(HEMATOXYLIN) / np.linalg.norm(HEMATOXYLIN)
+    ref = dye_basis()[0]
     for name, rgb in images.items():
         est = macenko_haematoxylin(rgb)
-        tissue = losses.od_magnitude(rgb) > TISSUE_LEVEL
+        od = losses.od_magnitude(rgb)
+        tissue = od > TISSUE_LEVEL
         row = {
             "benchmark": "representation_similarity",
             "image": name,
             "haematoxylin_vector": [round(float(v), 3) for v in est],
             "angle_to_ruifrok_deg": round(float(np.degrees(np.arccos(min(1.0, est @ ref)))), 1),
             "mean_haematoxylin_in_tissue": round(float(losses.haematoxylin(rgb)[tissue].mean()), 3),
-            "mean_od_in_tissue": round(float(losses.od_magnitude(rgb)[tissue].mean()), 3),
+            "mean_od_in_tissue": round(float(od[tissue].mean()), 3),
         }
         print(json.dumps(row), flush=True)
 
@@ -133,16 +126,21 @@ def main() -> None:
         source = _rgb(args.anhir / row["Source image"])
         images[row["Target image"]] = target
         images[row["Source image"]] = source
-        lm_t = _landmarks(args.anhir / row["Target landmarks"])
-        lm_s = _landmarks(args.anhir / row["Source landmarks"])
+        lm_t = read_landmarks(args.anhir / row["Target landmarks"])
+        lm_s = read_landmarks(args.anhir / row["Source landmarks"])
         n = min(len(lm_t), len(lm_s))
         matrix = fitted_affine(lm_s[:n], lm_t[:n])
         moving = resample(source, matrix, tuple(target.shape[-2:]))
+        inputs = {
+            rep: (losses.to_network_input(moving, rep), losses.to_network_input(target, rep))
+            for rep in losses.REPRESENTATIONS
+        }
+        target_od = losses.od_magnitude(target)
         for factor in (4, 2, 1):
-            tissue = F.avg_pool2d(losses.od_magnitude(target), factor) > TISSUE_LEVEL
-            for rep in losses.REPRESENTATIONS:
-                a = F.avg_pool2d(losses.to_network_input(moving, rep), factor)
-                b = F.avg_pool2d(losses.to_network_input(target, rep), factor)
+            tissue = F.avg_pool2d(target_od, factor) > TISSUE_LEVEL
+            for rep, (moving_in, target_in) in inputs.items():
+                a = F.avg_pool2d(moving_in, factor)
+                b = F.avg_pool2d(target_in, factor)
                 res = best_shifts(a, b, tissue.float())
                 print(
                     json.dumps(

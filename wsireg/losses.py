@@ -8,6 +8,8 @@ paper's Eq. 1: ``-NCC(M, F) + alpha * CURV(u)``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -232,14 +234,20 @@ def haematoxylin(rgb: Tensor, reference: float = OD_REFERENCE) -> Tensor:
     the haematoxylin amount is kept: the nuclear (counter)stain that H&E, immunohistochemistry
     and most special stains share, while eosin and DAB mark structures that differ by stain.
     """
-    from wsireg.synthetic import DAB, EOSIN, HEMATOXYLIN
-
     od = optical_density(rgb)
-    basis = od.new_tensor([HEMATOXYLIN, EOSIN, DAB], dtype=torch.float64)
-    basis = basis / torch.linalg.vector_norm(basis, dim=1, keepdim=True)
-    unmix = torch.linalg.inv(basis)[:, 0].to(od.dtype)  # column of V^-1 giving c_H
-    amount = (od * unmix.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    unmix = od.new_tensor(_haematoxylin_unmix()).view(1, 3, 1, 1)
+    amount = (od * unmix).sum(dim=1, keepdim=True)
     return (amount / reference).clamp(0.0, 1.0)
+
+
+@functools.cache
+def _haematoxylin_unmix() -> tuple[float, float, float]:
+    """The column of ``V^-1`` that gives the haematoxylin amount (computed once)."""
+    import numpy as np
+
+    from wsireg.synthetic import dye_basis
+
+    return tuple(float(v) for v in np.linalg.inv(dye_basis())[:, 0])
 
 
 def to_network_input(rgb: Tensor, representation: str = "od") -> Tensor:

@@ -97,6 +97,14 @@ EOSIN_HE = (0.2159, 0.8012, 0.5581)
 DAB = (0.268, 0.570, 0.776)
 """Optical density (R, G, B) of unit DAB (Ruifrok & Johnston)."""
 
+
+def dye_basis() -> np.ndarray:
+    """``(3, 3)`` rows: the unit optical-density vectors (R, G, B) of :data:`HEMATOXYLIN`,
+    :data:`EOSIN` and :data:`DAB`, so ``OD = c @ dye_basis()`` for dye amounts ``c``."""
+    basis = np.array([HEMATOXYLIN, EOSIN, DAB], dtype=np.float64)
+    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
+
+
 _C_MAX = 3.0  # concentration quantised to uint8 over [0, _C_MAX]
 
 

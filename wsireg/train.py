@@ -93,6 +93,7 @@ from wsireg.errors import InputError, WsiregError
 from wsireg.losses import REPRESENTATIONS, SIMILARITIES
 from wsireg.network import MultiLevelModel, UNetConfig
 from wsireg.progress import progress
+from wsireg.synthetic import dye_basis
 
 __all__ = [
     "HOLDOUT",
@@ -426,14 +427,6 @@ def crop_region(
 # --- stain changes ------------------------------------------------------------------------------
 
 
-def _dye_basis() -> np.ndarray:
-    """Rows: unit optical-density vectors (R, G, B) of haematoxylin, eosin and DAB."""
-    from wsireg.synthetic import DAB, EOSIN, HEMATOXYLIN
-
-    basis = np.array([HEMATOXYLIN, EOSIN, DAB], dtype=np.float64)
-    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
-
-
 def smooth_mask(shape: tuple[int, int], rng: np.random.Generator, fraction: float) -> np.ndarray:
     """A smooth random ``[0, 1]`` mask covering about ``fraction`` of ``shape``."""
     k = int(rng.integers(3, 8))
@@ -462,7 +455,7 @@ def restain(
     cell-dense region dark in H&E may be pale in an IHC stain). White stays white.
     """
     kind = kind or kinds[int(rng.integers(len(kinds)))]
-    basis = _dye_basis()
+    basis = dye_basis()
     od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
     conc = np.clip(od @ np.linalg.inv(basis), 0.0, None)
     h, e, d = conc[..., 0], conc[..., 1], conc[..., 2]
