@@ -1,4 +1,4 @@
-"""Accuracy and speed of the initial affine alignment (:mod:`wsireg.align`) on real stain pairs.
+"""Accuracy and speed of the initial affine alignment (:mod:`wsireg.engine.align`) on real stain pairs.
 
 Data: ``../shared/data/anhir-5pc`` (two ANHIR pairs with expert landmarks; read its README).
 The landmarks are used for evaluation only. The 5 % images are treated as level 0.
@@ -14,11 +14,11 @@ rescaled, padded, or with the roles swapped; the source landmarks follow. ``--st
 harder ones, ``--random N`` N seeded random ones per pair (held-out checks).
 
 Synthetic: ``skimage.data.immunohistochemistry()`` warped by a known affine with a colour
-change (mean mapping error, px), and :mod:`wsireg.synthetic` H&E / IHC pairs with any rotation,
+change (mean mapping error, px), and :mod:`wsireg.synthetic.texture` H&E / IHC pairs with any rotation,
 mirrors and a smooth nonrigid part (median landmark error vs the affine floor, px).
 
 Run: ``python benchmarks/align_accuracy.py [--quick] [--stress] [--random N] [--set K=V]``
-(``--set`` overrides an :class:`~wsireg.align.AlignConfig` field). Timings are per pair, after
+(``--set`` overrides an :class:`~wsireg.engine.align.AlignConfig` field). Timings are per pair, after
 a first call that also pays torch's start-up (~1 s).
 """
 
@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from wsireg.align import AlignConfig, align
+from wsireg.engine.align import AlignConfig, align
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "anhir-5pc"
 
@@ -308,11 +308,11 @@ def run_pairs(config: AlignConfig, variants: tuple[Variant, ...]) -> dict[str, d
 
 
 def run_tissue_synthetic(config: AlignConfig, quick: bool) -> dict[str, float]:
-    """:mod:`wsireg.synthetic` H&E source / IHC target pairs: any rotation, mirrors, and the
+    """:mod:`wsireg.synthetic.texture` H&E source / IHC target pairs: any rotation, mirrors, and the
     default smooth nonrigid deformation (2 % of the size). Error: median distance (px) between
     the estimated affine and the true transform at 100 tissue landmarks, next to the floor (the
     least-squares affine of the landmarks)."""
-    from wsireg.synthetic import pair_landmarks, synthetic_pair
+    from wsireg.synthetic.slides import pair_landmarks, synthetic_pair
 
     rng = np.random.default_rng(2024)
     out = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsireg.evaluation import rtre
+from wsireg.run.evaluate import rtre
 
 PEER_SCRIPT = r"""
 import json, sys, time
@@ -101,16 +101,16 @@ def read_pairs(table: Path) -> list[dict[str, str]]:
 
 
 def landmarks(pair: dict[str, str]) -> tuple[np.ndarray, np.ndarray, float]:
-    """First min(n_source, n_target) landmarks and the target diagonal (wsireg.evaluation)."""
-    from wsireg.evaluation import landmarks as pair_landmarks
+    """First min(n_source, n_target) landmarks and the target diagonal (wsireg.run.evaluate)."""
+    from wsireg.run.evaluate import landmarks as pair_landmarks
 
     marks = pair_landmarks(pair["source_landmarks"], pair["target_landmarks"], pair["target"])
     return marks.source, marks.target, marks.diagonal
 
 
 def run_wsireg(pair: dict[str, str], workdir: Path, options: dict) -> dict:
-    from wsireg.pipeline import register
-    from wsireg.transform import Stage, Transform
+    from wsireg.engine.transform import Stage, Transform
+    from wsireg.run.register import register
 
     src, tgt, diag = landmarks(pair)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def peer_python(env: Path) -> Path:
 
 
 def run_elastix(pair: dict[str, str], python: Path) -> dict:
-    from wsireg.annotations import write_landmarks
+    from wsireg.io.annotations import write_landmarks
 
     src, tgt, diag = landmarks(pair)
     with tempfile.TemporaryDirectory() as tmp:

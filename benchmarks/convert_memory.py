@@ -1,6 +1,6 @@
 """Peak memory and speed of ``wsireg convert`` (slide -> OME-Zarr) against slide size.
 
-First writes synthetic slides (pyramidal JPEG OME-TIFF, :func:`wsireg.synthetic.
+First writes synthetic slides (pyramidal JPEG OME-TIFF, :func:`wsireg.synthetic.texture.
 write_synthetic_slide`) of each size into ``--workdir`` (reused when already there), then
 converts each with ``wsireg convert SLIDE OUT.ome.zarr`` in a fresh process and prints one JSON
 line per size: size, wall time, MPx/s (level-0 pixels per second, whole pyramid included), CPU
@@ -33,7 +33,7 @@ DEFAULT_SIZES = (10_000, 30_000, 100_000)
 
 _GENERATE = (
     "import sys; from wsireg.progress import set_quiet; set_quiet(True); "
-    "from wsireg.synthetic import write_synthetic_slide; "
+    "from wsireg.synthetic.texture import write_synthetic_slide; "
     "write_synthetic_slide(sys.argv[1], (int(sys.argv[2]),) * 2, seed=int(sys.argv[3]))"
 )
 
@@ -81,7 +81,7 @@ def convert(slide: Path, out: Path, env: dict[str, str]) -> tuple[float, float, 
 # The CLI in a child process that prints its own peak RSS (VmHWM) on the way out.
 PEAK_WRAPPER = (
     "import atexit, sys\n"
-    "from wsireg.resources import peak_rss_mib\n"
+    "from wsireg.engine.parallel import peak_rss_mib\n"
     "atexit.register(lambda: print('PEAK_RSS_MIB', peak_rss_mib(), file=sys.stderr))\n"
     "from wsireg_cli.main import main\n"
     "sys.argv[0] = 'wsireg'\n"

@@ -1,23 +1,23 @@
 """Accuracy and speed of the registration network (no instance optimisation). One JSON line each.
 
 (a) ``synthetic_epe``: ``--pairs`` held-out pairs (never seen in training, see
-    ``wsireg.train.HOLDOUT``): procedural tissue of seeds >= 900 (H&E source, IHC target, via
-    :func:`wsireg.synthetic.synthetic_pair`) and crops of the held-out parts of the real slides
+    ``wsireg.model.train.HOLDOUT``): procedural tissue of seeds >= 900 (H&E source, IHC target, via
+    :func:`wsireg.synthetic.slides.synthetic_pair`) and crops of the held-out parts of the real slides
     (moving: the crop; fixed: the crop re-stained IHC-like in optical-density space and warped).
-    The ground truth is a :class:`wsireg.synthetic.SmoothDeformation` of up to
+    The ground truth is a :class:`wsireg.synthetic.deformation.SmoothDeformation` of up to
     ``--max-displacement`` px at the working (finest) level, with
     ``fixed(x) = moving(x + u_true(x))``. EPE = ``|u - u_true|`` (px) averaged over tissue pixels
     (optical density of the truly warped moving image), then over pairs. Rows: identity start,
     the multi-level multi-iteration network (the model's stored settings) and the finest
     level's network alone with one iteration. With ``--section-jitter J`` the fixed side of
     every pair also goes through a fine-scale random displacement of up to ``J`` px (control
-    points every 6-16 px, :func:`wsireg.train.random_displacement`) that the truth leaves out:
+    points every 6-16 px, :func:`wsireg.model.train.random_displacement`) that the truth leaves out:
     structures shift individually as between two consecutive sections, and the networks should
     follow only the smooth part (a validation that mimics real serial sections without using
     the ANHIR pairs). With ``--content-change F`` a share ``F`` of the pairs also shows other
     tissue in a blob of the fixed side (:func:`content_change`).
 (b) ``anhir_rtre``: the real pairs of ``anhir-5pc/pairs.csv``. The initial affine ``A``
-    (target -> source, level-0 px) is :func:`wsireg.align.align`; the network registers the
+    (target -> source, level-0 px) is :func:`wsireg.engine.align.align`; the network registers the
     source resampled through ``A`` to the target, giving ``T(x) = A (x + u(x))``. Source landmarks
     are mapped into the target by inverting ``T`` with the fixed-point iteration
     ``x <- A^-1 p - u(x)`` (ANHIR's definition: warped source landmarks vs. target landmarks);
@@ -51,11 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg import field
-from wsireg.algorithm import inference_settings, register_pyramid
-from wsireg.network import MultiLevelModel, default_weights_path
-from wsireg.synthetic import SmoothDeformation, synthetic_pair
-from wsireg.train import (
+from wsireg.core import field
+from wsireg.model.inference import inference_settings, register_pyramid
+from wsireg.model.network import MultiLevelModel, default_weights_path
+from wsireg.model.train import (
     background_colour,
     crop_region,
     heldout_region,
@@ -63,6 +62,8 @@ from wsireg.train import (
     restain,
     smooth_mask,
 )
+from wsireg.synthetic.deformation import SmoothDeformation
+from wsireg.synthetic.slides import synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -296,7 +297,7 @@ def run_anhir(
     overrides: dict | None = None,
     offsets: tuple[int, ...] = GRID_OFFSETS,
 ) -> list[dict]:
-    from wsireg.align import align
+    from wsireg.engine.align import align
 
     out = []
     settings = inference_settings(model, **(overrides or {}))

@@ -1,6 +1,6 @@
 """Micro-benchmark of the displacement network on this machine (CPU unless ``--device``).
 
-Measures inference throughput (patches/s) of one :class:`wsireg.network.UNet` on ``G``-sized
+Measures inference throughput (patches/s) of one :class:`wsireg.model.network.UNet` on ``G``-sized
 groups of ``P x P`` patch pairs, and the peak memory of one group's forward pass under
 ``torch.inference_mode`` (the rise of the process's peak RSS over the first forward, after the
 model and inputs exist; on CUDA ``torch.cuda.max_memory_allocated``). Prints one JSON line.
@@ -21,8 +21,10 @@ import time
 
 import torch
 
-from wsireg.network import UNet, UNetConfig, num_parameters, resolve_device
-from wsireg.resources import peak_rss_mib  # VmHWM (a child's ru_maxrss starts at its parent's peak)
+from wsireg.engine.parallel import (
+    peak_rss_mib,  # VmHWM (a child's ru_maxrss starts at its parent's peak)
+)
+from wsireg.model.network import UNet, UNetConfig, num_parameters, resolve_device
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For each pair of ``anhir-5pc/pairs.csv`` the source is resampled onto the target through the
 affine fitted to the landmarks by least squares (so the remaining misalignment is the pair's
 true non-affine part plus landmark noise, a few px at most). Both images are converted to each
-representation of :data:`wsireg.losses.REPRESENTATIONS` and averaged down by 4, 2 and 1. On a
+representation of :data:`wsireg.core.losses.REPRESENTATIONS` and averaged down by 4, 2 and 1. On a
 grid of tissue patches (64 px, stride 32) the patch NCC is searched exhaustively over integer
 shifts of up to +-8 px; a representation in which the two stains correspond gives its best NCC
 near zero shift. Prints per pair, factor and representation the mean and median distance of
@@ -13,7 +13,7 @@ diagnostic of the input, measured on the evaluation pairs (it chose nothing by i
 ``wsireg/weights/README.md``).
 
 Then, per image (the ANHIR images and the held-out regions of the training slides,
-:func:`wsireg.train.heldout_region`): the angle between the image's own haematoxylin vector,
+:func:`wsireg.model.train.heldout_region`): the angle between the image's own haematoxylin vector,
 estimated the way of Macenko et al. (2009: the plane of the two main optical-density
 directions of tissue pixels, its 1st and 99th angle percentiles, haematoxylin the one with the
 larger red component), and the fixed Ruifrok & Johnston vector that :func:`haematoxylin` uses;
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg import field, losses
-from wsireg.algorithm import TISSUE_LEVEL
-from wsireg.annotations import read_landmarks
-from wsireg.synthetic import dye_basis
+from wsireg.core import field, losses
+from wsireg.core.stain import dye_basis
+from wsireg.io.annotations import read_landmarks
+from wsireg.model.inference import TISSUE_LEVEL
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATCH, STEP, SEARCH = 64, 32, 8
@@ -157,7 +157,7 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-    from wsireg.train import heldout_region
+    from wsireg.model.train import heldout_region
 
     for name in ("cmu", "tcga", "ihc"):
         region = heldout_region(name, args.slides_dir)[::2, ::2]  # every 2nd px is plenty

@@ -1,7 +1,7 @@
 """Resampling kernels for the warp engine's block function, timed on one output chunk.
 
 A 1024 x 1024 RGB uint8 chunk is resampled from a 1200 x 1200 source box through a smooth
-random coordinate map (what :func:`wsireg.warp.warp_block` does per chunk), with each candidate:
+random coordinate map (what :func:`wsireg.engine.warp.warp_block` does per chunk), with each candidate:
 OpenCV ``remap`` (bilinear, 1/32-px fixed-point weights, uint8 in and out: what wsireg uses),
 ``remap`` on float32 maps split into two int16 + weight maps first (``convertMaps``), torch
 ``grid_sample`` (bilinear, float32, the naive choice), and scipy ``map_coordinates``

@@ -35,10 +35,10 @@ import numpy as np
 CHILD = r"""
 import json, sys, time
 from wsireg.progress import set_quiet
-from wsireg.resources import limit_malloc_arenas, peak_rss_mib
+from wsireg.engine.parallel import limit_malloc_arenas, peak_rss_mib
 limit_malloc_arenas()
 set_quiet(True)
-from wsireg.pipeline import register
+from wsireg.run.register import register
 source, target, out, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 start = time.perf_counter()
 result = register(source, target, out, overwrite=True, **options)
@@ -52,7 +52,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_r
 def make_pair(
     workdir: Path, size: int, seed: int, texture: float
 ) -> tuple[Path, Path, object, float]:
-    from wsireg.synthetic import synthetic_pair, write_synthetic_slide
+    from wsireg.synthetic.slides import synthetic_pair, write_synthetic_slide
 
     max_displacement = 0.004 * size
     _, _, truth = synthetic_pair(
@@ -82,8 +82,8 @@ def make_pair(
 
 
 def errors(out: Path, size: int, seed: int, truth, texture: float) -> tuple[np.ndarray, ...]:
-    from wsireg.synthetic import pair_landmarks
-    from wsireg.transform import Transform
+    from wsireg.engine.transform import Transform
+    from wsireg.synthetic.slides import pair_landmarks
 
     target_pts, source_pts = pair_landmarks(
         (size, size), seed, truth, n=300, texture_downsample=texture

@@ -31,7 +31,7 @@ import numpy as np
 CHILD = r"""
 import json, sys, time
 from wsireg.progress import set_quiet
-from wsireg.resources import peak_rss_mib
+from wsireg.engine.parallel import peak_rss_mib
 set_quiet(True)
 mode, slide_path, out, transform_path, threads = sys.argv[1:6]
 threads = int(threads) or None
@@ -39,8 +39,8 @@ t0 = time.perf_counter()
 timings = {}
 if mode == "copy":
     import dask
-    from wsireg.ngff import build_pyramid, create_ome_zarr, write_level0
-    from wsireg.slide import open_slide
+    from wsireg.io.ngff import build_pyramid, create_ome_zarr, write_level0
+    from wsireg.io.slide import open_slide
     slide = open_slide(slide_path)
     image = slide.level(0)
     group = create_ome_zarr(out, slide.level_shape(0), 3, "uint8", mpp=slide.mpp, chunk=1024)
@@ -49,7 +49,7 @@ if mode == "copy":
         timings["level0_s"] = time.perf_counter() - t0
         build_pyramid(group)
 else:
-    from wsireg.warp import warp
+    from wsireg.engine.warp import warp
     warp(transform_path, slide_path, out, threads=threads, timings=timings)
 timings["total_s"] = time.perf_counter() - t0
 timings["peak_rss_mib"] = peak_rss_mib()
@@ -58,10 +58,11 @@ print(json.dumps(timings))
 
 
 def make_inputs(workdir: Path, size: int, max_displacement: float, seed: int) -> tuple[Path, Path]:
+    from wsireg.engine.transform import SlideRef, Transform, create_field
+    from wsireg.io.slide import open_slide
     from wsireg.progress import set_quiet
-    from wsireg.slide import open_slide
-    from wsireg.synthetic import SmoothDeformation, write_synthetic_slide
-    from wsireg.transform import SlideRef, Transform, create_field
+    from wsireg.synthetic.deformation import SmoothDeformation
+    from wsireg.synthetic.slides import write_synthetic_slide
 
     set_quiet(True)
     slide_path = workdir / f"synthetic-{size}.ome.tif"

@@ -73,9 +73,9 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> N
     landmarks` (paths relative to PAIRS); other columns are kept in the summary. Exit code 1
     if any pair failed (the summary says which and why).
     """
-    from wsireg.batches import SUMMARY_CSV
-    from wsireg.batches import batch as run
-    from wsireg.evaluation import format_table
+    from wsireg.run.batch import SUMMARY_CSV
+    from wsireg.run.batch import batch as run
+    from wsireg.run.evaluate import format_table
 
     cluster = _cluster(options)
     document = run(
@@ -109,8 +109,8 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> N
 def evaluate(pairs: Path, results: Path, json_out: Path | None, overwrite: bool) -> None:
     """ANHIR metrics (rTRE, TRE in um, robustness) of the pairs of PAIRS registered in RESULTS
     (a `wsireg batch` output)."""
-    from wsireg.evaluation import evaluate as run
-    from wsireg.evaluation import format_table
+    from wsireg.run.evaluate import evaluate as run
+    from wsireg.run.evaluate import format_table
 
     json_out = json_out or results / "evaluation.json"
     document = run(pairs, results, json_out, overwrite=overwrite)
@@ -148,7 +148,7 @@ def stack(
 ) -> None:
     """Register serial sections SLIDES (in order) into the frame of one of them: each to its
     neighbour towards the reference, transforms composed, every slide interpolated once."""
-    from wsireg.serial import stack as run
+    from wsireg.run.stack import stack as run
 
     if len(slides) < 2:
         raise click.UsageError("a stack needs at least two slides")

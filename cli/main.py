@@ -11,9 +11,9 @@ import sys
 import click
 
 from wsireg import __version__
+from wsireg.engine.parallel import limit_malloc_arenas
 from wsireg.errors import WsiregError
 from wsireg.progress import set_quiet
-from wsireg.resources import limit_malloc_arenas
 
 
 class _Group(click.Group):

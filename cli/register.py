@@ -101,7 +101,7 @@ def register(
     source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **options
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
-    from wsireg.pipeline import register as run
+    from wsireg.run.register import register as run
 
     result = run(
         source, target, out, resume=resume, overwrite=overwrite, **register_kwargs(options)
@@ -122,7 +122,7 @@ def register(
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
     """Register a synthetic pair with a known deformation and print the error."""
-    from wsireg.demo import run_demo
+    from wsireg.run.demo import run_demo
 
     summary = run_demo(out, size=size, seed=seed, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
@@ -158,7 +158,7 @@ def deform(
     overwrite: bool,
 ) -> None:
     """Write SLIDE through a known random deformation (a test pair with exact truth)."""
-    from wsireg.synthetic import deform_slide
+    from wsireg.run.deform import deform_slide
 
     written, truth = deform_slide(
         slide,

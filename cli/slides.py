@@ -16,7 +16,7 @@ from .main import cli, quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 def info(slide: Path, as_json: bool) -> None:
     """Levels, sizes, microns per pixel, vendor and associated images of SLIDE."""
-    from wsireg.slide import open_slide
+    from wsireg.io.slide import open_slide
 
     with open_slide(slide) as opened:
         data = opened.info()
@@ -92,9 +92,9 @@ def convert(
     overwrite: bool,
 ) -> None:
     """Convert any readable SLIDE to a multiscale OME-Zarr or pyramidal OME-TIFF (OUT)."""
-    from wsireg.ngff import write_ome_tiff, write_ome_zarr
-    from wsireg.output import check_output
-    from wsireg.slide import open_slide
+    from wsireg.io.ngff import write_ome_tiff, write_ome_zarr
+    from wsireg.io.output import check_output
+    from wsireg.io.slide import open_slide
 
     check_output(out, overwrite)
     with open_slide(slide) as opened:

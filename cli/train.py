@@ -123,13 +123,13 @@ def train(
 ) -> None:
     """Train per-level U-Nets with Algorithm 1's training branch and save OUT/model.pt.
 
-    CONFIG is an optional JSON object of training options (see wsireg.train.TrainConfig);
+    CONFIG is an optional JSON object of training options (see wsireg.model.train.TrainConfig);
     command-line options override it. With --resume the configuration stored in OUT is used
     (only --epochs may change it).
     """
     from wsireg.errors import InputError
-    from wsireg.train import CONFIG, TrainConfig
-    from wsireg.train import train as run_train
+    from wsireg.model.train import CONFIG, TrainConfig
+    from wsireg.model.train import train as run_train
 
     given = {k: v for k, v in options.items() if v is not None and k in _OVERRIDES}
     if given.get("train_groups") == 0:

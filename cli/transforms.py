@@ -79,7 +79,7 @@ def warp(
 
     TRANSFORM is a transform directory or a `wsireg register` output directory.
     """
-    from wsireg.warp import warp as run_warp
+    from wsireg.engine.warp import warp as run_warp
 
     from .slides import output_format
 
@@ -121,9 +121,9 @@ def _direction(inverse: bool) -> str:
 @click.option("--overwrite", is_flag=True)
 def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwrite: bool) -> None:
     """Map the landmarks of an ANHIR CSV (,X,Y) through TRANSFORM."""
-    from wsireg.annotations import read_landmarks, write_landmarks
-    from wsireg.output import check_output, staged_output
-    from wsireg.transform import Transform
+    from wsireg.engine.transform import Transform
+    from wsireg.io.annotations import read_landmarks, write_landmarks
+    from wsireg.io.output import check_output, staged_output
 
     check_output(out, overwrite)
     loaded = Transform.load(transform)
@@ -170,9 +170,9 @@ def warp_geojson(
     overwrite: bool,
 ) -> None:
     """Map GeoJSON annotations (e.g. a QuPath export) through TRANSFORM."""
-    from wsireg.annotations import map_geojson, read_geojson
-    from wsireg.output import check_output, staged_output
-    from wsireg.transform import Transform
+    from wsireg.engine.transform import Transform
+    from wsireg.io.annotations import map_geojson, read_geojson
+    from wsireg.io.output import check_output, staged_output
 
     check_output(out, overwrite)
     loaded = Transform.load(transform)

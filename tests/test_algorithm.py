@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from wsireg import field, tiling
-from wsireg.algorithm import (
+from wsireg.core import field, tiling
+from wsireg.model.inference import (
     GroupTrainer,
     PatchCounts,
     build_pyramid,
@@ -19,7 +19,7 @@ from wsireg.algorithm import (
     register_level,
     register_pyramid,
 )
-from wsireg.network import MultiLevelModel, UNet, UNetConfig, default_weights_path
+from wsireg.model.network import MultiLevelModel, UNet, UNetConfig, default_weights_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,8 +234,9 @@ def _epe(u: Tensor, truth: Tensor, mask: Tensor) -> float:
 
 @pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
 def test_shipped_model_registers_a_synthetic_pair_better_than_identity() -> None:
-    from wsireg.network import load_default
-    from wsireg.synthetic import get_texture, synthetic_pair
+    from wsireg.model.network import load_default
+    from wsireg.synthetic.slides import synthetic_pair
+    from wsireg.synthetic.texture import get_texture
 
     model = load_default()
     assert inference_settings(model).patch % 32 == 0
@@ -275,7 +276,7 @@ class _FlowNet(torch.nn.Module):
 
 
 def test_flip_average_cancels_a_bias_and_keeps_an_equivariant_prediction() -> None:
-    from wsireg.algorithm import flip_averaged
+    from wsireg.model.inference import flip_averaged
 
     g = torch.Generator().manual_seed(0)
     moving, fixed = torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)

@@ -1,6 +1,6 @@
-"""Affine initial alignment (wsireg.align): synthetic pairs with known affines, real ANHIR pairs.
+"""Affine initial alignment (wsireg.engine.align): synthetic pairs with known affines, real ANHIR pairs.
 
-Directions follow wsireg.coords: ``AlignResult.matrix`` maps target level-0 points to source
+Directions follow wsireg.core.coords: ``AlignResult.matrix`` maps target level-0 points to source
 level-0 points. The ANHIR landmarks are used only to evaluate.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsireg.align import align, decompose_affine, tissue_mask
+from wsireg.engine.align import align, decompose_affine, tissue_mask
 from wsireg.errors import InputError, WsiregError
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def anhir(shared_data: Path) -> list[dict]:
 
 def _synthetic(rotation: float, flip: bool, seed: int):
     """An H&E source / IHC target pair related by an exact affine (no nonrigid part)."""
-    from wsireg.synthetic import pair_landmarks, synthetic_pair
+    from wsireg.synthetic.slides import pair_landmarks, synthetic_pair
 
     shape = (384, 480)
     source, target, truth = synthetic_pair(

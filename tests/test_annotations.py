@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsireg.annotations import densify, map_geojson, read_landmarks, write_landmarks
+from wsireg.engine.transform import Transform
 from wsireg.errors import InputError
-from wsireg.transform import Transform
+from wsireg.io.annotations import densify, map_geojson, read_landmarks, write_landmarks
 
 from .test_transform import SOURCE, TARGET, field_transform, rotation
 

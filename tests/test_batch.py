@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import zarr
 
-from wsireg.annotations import write_landmarks
-from wsireg.batches import batch
-from wsireg.evaluation import evaluate, read_pairs
-from wsireg.synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
+from wsireg.io.annotations import write_landmarks
+from wsireg.run.batch import batch
+from wsireg.run.evaluate import evaluate, read_pairs
+from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_slide
 
 SHAPE = (512, 512)
 FAST = {"weights": None, "refine": 16, "levels": 2}
@@ -153,7 +153,7 @@ def test_evaluate_reproduces_the_batch_summary(cluster_run: dict, pairs: dict, r
     for pair, row in zip(read_pairs(pairs["with_failure"]), evaluated["pairs"], strict=True):
         if row["status"] != "ok":
             continue
-        from wsireg.transform import Transform
+        from wsireg.engine.transform import Transform
 
         src, tgt, diagonal = bench.landmarks(
             {

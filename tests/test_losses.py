@@ -1,4 +1,4 @@
-"""Tests of wsireg.losses: NCC, local NCC, MIND-SSC, regularisers and the network input."""
+"""Tests of wsireg.core.losses: NCC, local NCC, MIND-SSC, regularisers and the network input."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsireg import losses as ls
-from wsireg.field import identity_grid
+from wsireg.core import losses as ls
+from wsireg.core.field import identity_grid
 
 
 def _texture(n: int = 2, size: int = 48) -> torch.Tensor:
@@ -112,7 +112,7 @@ def test_network_input_representations() -> None:
 
 
 def test_haematoxylin_unmixes_the_nuclear_stain() -> None:
-    from wsireg.synthetic import EOSIN, HEMATOXYLIN
+    from wsireg.core.stain import EOSIN, HEMATOXYLIN
 
     def dyed(vector: tuple[float, float, float], amount: float) -> torch.Tensor:
         v = torch.tensor(vector, dtype=torch.float64)

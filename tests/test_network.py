@@ -1,4 +1,4 @@
-"""Tests of wsireg.network: shapes, gradients, near-identity init, save/load, predict, device."""
+"""Tests of wsireg.model.network: shapes, gradients, near-identity init, save/load, predict, device."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from wsireg import network as nw
 from wsireg.errors import WsiregError
+from wsireg.model import network as nw
 
 SMALL = nw.UNetConfig(widths=(4, 8, 16), head_width=4, norm_groups=2)
 

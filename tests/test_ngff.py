@@ -1,4 +1,4 @@
-"""OME-Zarr / OME-TIFF writers (wsireg.ngff) and the dask pyramid (wsireg.pyramid)."""
+"""OME-Zarr / OME-TIFF writers (wsireg.io.ngff) and the dask pyramid (wsireg.io.pyramid)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import tifffile
 import zarr
 
 from wsireg.errors import OutputExistsError
-from wsireg.ngff import (
+from wsireg.io.ngff import (
     build_pyramid,
     create_ome_zarr,
     read_ome_zarr_levels,
@@ -25,9 +25,9 @@ from wsireg.ngff import (
     write_ome_tiff_levels,
     write_ome_zarr,
 )
-from wsireg.output import partial_path
+from wsireg.io.output import partial_path
+from wsireg.io.pyramid import downsample2, downsample2_block, halved_shapes, level_shapes
 from wsireg.progress import set_quiet
-from wsireg.pyramid import downsample2, downsample2_block, halved_shapes, level_shapes
 
 set_quiet(True)
 
@@ -369,9 +369,9 @@ _BOUNDED_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import dask.array as da, numpy as np
-    from wsireg.ngff import write_ome_zarr
+    from wsireg.io.ngff import write_ome_zarr
     from wsireg.progress import set_quiet
-    from wsireg.resources import peak_rss_mib
+    from wsireg.engine.parallel import peak_rss_mib
 
     def block(block_info=None):
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]

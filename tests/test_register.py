@@ -18,9 +18,9 @@ import pytest
 import zarr
 
 from wsireg.errors import InputError
-from wsireg.network import default_weights_path, verify_checksum
-from wsireg.pipeline import register
-from wsireg.synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
+from wsireg.model.network import default_weights_path, verify_checksum
+from wsireg.run.register import register
+from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_slide
 
 SHAPE = (1024, 1024)
 FAST = {"weights": None, "refine": 24, "levels": 2}

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from wsireg.errors import SlideError
-from wsireg.slide import open_slide
+from wsireg.io.slide import open_slide
 
 # name -> (vendor, level (width, height)s, mpp or None) as OpenSlide 4.0.1 reports them
 READABLE = {
@@ -252,7 +252,7 @@ def test_cli_bad_paths(tmp_path: Path, run_cli) -> None:
 
 
 def test_tile_cache_is_bounded_and_reuses_tiles() -> None:
-    from wsireg.slide import TileCache
+    from wsireg.io.slide import TileCache
 
     loads: list[int] = []
 

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import zarr
 
-from wsireg.pipeline import register
-from wsireg.serial import chain, neighbour, stack
-from wsireg.slide import open_slide
-from wsireg.synthetic import SmoothDeformation, get_stain, get_texture, write_synthetic_slide
-from wsireg.transform import Transform
+from wsireg.engine.transform import Transform
+from wsireg.io.slide import open_slide
+from wsireg.run.register import register
+from wsireg.run.stack import chain, neighbour, stack
+from wsireg.synthetic.deformation import SmoothDeformation
+from wsireg.synthetic.slides import write_synthetic_slide
+from wsireg.synthetic.texture import get_stain, get_texture
 
 SHAPE = (512, 512)
 SEED = 5

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from wsireg import synthetic as S
+from wsireg.synthetic import deformation, slides
+from wsireg.synthetic import texture as S
 
 SEED = 5
 SHAPE = (1024, 1024)
@@ -20,7 +21,7 @@ def texture() -> S.TissueTexture:
 
 @pytest.fixture(scope="module")
 def pair():
-    source, target, truth = S.synthetic_pair(
+    source, target, truth = slides.synthetic_pair(
         SHAPE, SEED, max_displacement=20, scale=256, rotation=10, translation=(12, -7)
     )
     return source, target, truth
@@ -35,9 +36,9 @@ def _grid_points(shape: tuple[int, int], step: int) -> tuple[np.ndarray, np.ndar
 
 
 def test_same_seed_same_pixels_and_chunking_does_not_show(texture):
-    a = S.synthetic_slide(SHAPE, SEED, chunk=512).compute()
-    b = S.synthetic_slide(SHAPE, SEED, chunk=1024).compute()
-    c = S.synthetic_slide(SHAPE, SEED, chunk=300).compute()  # chunks not aligned to blocks
+    a = slides.synthetic_slide(SHAPE, SEED, chunk=512).compute()
+    b = slides.synthetic_slide(SHAPE, SEED, chunk=1024).compute()
+    c = slides.synthetic_slide(SHAPE, SEED, chunk=300).compute()  # chunks not aligned to blocks
     assert a.shape == (*SHAPE, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(a, c)
     assert np.array_equal(texture.render(137, 611, 301, 250, "he"), a[137:438, 611:861])
@@ -129,7 +130,7 @@ def test_stain_jitter_is_deterministic_and_small():
 
 def test_deformation_inverse_and_magnitude():
     shape = (1500, 2000)
-    d = S.SmoothDeformation.random(
+    d = deformation.SmoothDeformation.random(
         shape,
         40,
         300,
@@ -152,15 +153,15 @@ def test_deformation_inverse_and_magnitude():
     centre = np.array([[8 * (17 + 0.5) - 0.5, 8 * (30 + 0.5) - 0.5]])  # grid pixel [30, 17]
     assert np.allclose(field[:, 30, 17], d.displacement(centre)[0], atol=1e-4)
     with pytest.raises(ValueError, match="fold"):
-        S.SmoothDeformation.random(shape, 200, 150, seed=3)
+        deformation.SmoothDeformation.random(shape, 200, 150, seed=3)
 
 
 def test_deformation_affine_part():
     h, w = 101, 201
     c = np.array([(w - 1) / 2, (h - 1) / 2])
-    rot = S.SmoothDeformation.random((h, w), 0, rotation=90, translation=(5, 0))
+    rot = deformation.SmoothDeformation.random((h, w), 0, rotation=90, translation=(5, 0))
     assert np.allclose(rot(np.array([c, c + [1, 0]])), [c + [5, 0], c + [5, 1]])
-    flip = S.SmoothDeformation.random((h, w), 0, flip=True)
+    flip = deformation.SmoothDeformation.random((h, w), 0, flip=True)
     assert np.allclose(flip(np.array([[0.0, 3.0]])), [[w - 1, 3.0]])
 
 
@@ -201,7 +202,7 @@ def test_pair_source_at_truth_matches_target_across_stains(pair):
 
 def test_pair_landmarks(pair, texture):
     _, _, truth = pair
-    tgt, src = S.pair_landmarks(SHAPE, SEED, truth, n=50)
+    tgt, src = slides.pair_landmarks(SHAPE, SEED, truth, n=50)
     assert tgt.shape == src.shape == (50, 2)
     assert np.allclose(src, truth(tgt))
     assert np.all(texture.structure_at(src)[:, 3] > 0.8)
@@ -227,16 +228,16 @@ def test_write_synthetic_png(tmp_path, texture):
 
     from wsireg.errors import OutputExistsError
 
-    path = S.write_synthetic_png(tmp_path / "a.png", (300, 400), SEED, "ihc", extent=SHAPE)
+    path = slides.write_synthetic_png(tmp_path / "a.png", (300, 400), SEED, "ihc", extent=SHAPE)
     assert np.array_equal(np.asarray(Image.open(path)), texture.render(0, 0, 300, 400, "ihc"))
     with pytest.raises(OutputExistsError):
-        S.write_synthetic_png(path, (300, 400), SEED)
+        slides.write_synthetic_png(path, (300, 400), SEED)
 
 
 def test_write_synthetic_slide_ome_tiff(tmp_path, texture):
     tifffile = pytest.importorskip("tifffile")
     shape = (700, 1100)
-    path = S.write_synthetic_slide(
+    path = slides.write_synthetic_slide(
         tmp_path / "s.ome.tiff",
         shape,
         SEED,

@@ -1,4 +1,4 @@
-"""Tests of wsireg.tiling: unfold/fold, groups and block geometry of the out-of-core scheduler."""
+"""Tests of wsireg.core.tiling: unfold/fold, groups and block geometry of the out-of-core scheduler."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsireg import tiling as tl
+from wsireg.core import tiling as tl
 
 
 def test_unfold_shapes_and_geometry() -> None:

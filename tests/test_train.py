@@ -1,4 +1,4 @@
-"""Training (wsireg.train): data pairs, a tiny run that learns, checkpoints and the CLI verb."""
+"""Training (wsireg.model.train): data pairs, a tiny run that learns, checkpoints and the CLI verb."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsireg import field, losses
-from wsireg.algorithm import network_input, register_pyramid
+from wsireg.core import field, losses
 from wsireg.errors import WsiregError
-from wsireg.network import MultiLevelModel
-from wsireg.train import (
+from wsireg.model.inference import network_input, register_pyramid
+from wsireg.model.network import MultiLevelModel
+from wsireg.model.train import (
     Crop,
     TrainConfig,
     heldout_region,

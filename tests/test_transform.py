@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from wsireg.coords import to_level0
+from wsireg.core.coords import to_level0
+from wsireg.engine.transform import SlideRef, Stage, Transform
 from wsireg.errors import TransformError
-from wsireg.transform import SlideRef, Stage, Transform
 
 TARGET = SlideRef(path="target.svs", shape=(3000, 4000), mpp=(0.5, 0.5))
 SOURCE = SlideRef(path="source.svs", shape=(3200, 3900), mpp=(0.5, 0.5))

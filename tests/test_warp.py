@@ -14,9 +14,9 @@ import pytest
 import tifffile
 import zarr
 
-from wsireg.slide import open_slide
-from wsireg.transform import SlideRef, Transform
-from wsireg.warp import existing_chunks, warp, warp_block
+from wsireg.engine.transform import SlideRef, Transform
+from wsireg.engine.warp import existing_chunks, warp, warp_block
+from wsireg.io.slide import open_slide
 
 from .test_transform import rotation, smooth_field
 
@@ -225,8 +225,8 @@ def test_warp_memory_is_bounded(tmp_path: Path) -> None:
     )
     code = (
         "import sys\n"
-        "from wsireg.resources import peak_rss_mib\n"
-        "from wsireg.warp import warp\n"
+        "from wsireg.engine.parallel import peak_rss_mib\n"
+        "from wsireg.engine.warp import warp\n"
         "warp(sys.argv[1], sys.argv[2], sys.argv[3])\n"
         "print(peak_rss_mib())\n"
     )

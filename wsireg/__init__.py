@@ -4,7 +4,7 @@ The method is DeepHistReg (Wodzinski & Mueller): affine initial alignment, then 
 pyramid on which per-level U-Nets predict displacement fields patch by patch, composed into one
 field; the source slide is interpolated once, by the out-of-core warp engine, into OME-Zarr.
 
-Coordinate, axis and unit conventions are stated once, in :mod:`wsireg.coords`.
+Coordinate, axis and unit conventions are stated once, in :mod:`wsireg.core.coords`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ __version__ = "0.1.0"
 
 # Public names, imported lazily so that `import wsireg` (and the CLI) start fast.
 _LAZY = {
-    "open_slide": "wsireg.slide",
-    "Slide": "wsireg.slide",
-    "write_ome_zarr": "wsireg.ngff",
-    "write_ome_tiff": "wsireg.ngff",
-    "Transform": "wsireg.transform",
-    "register": "wsireg.pipeline",
-    "batch": "wsireg.batches",
-    "evaluate": "wsireg.evaluation",
-    "stack": "wsireg.serial",
+    "open_slide": "wsireg.io.slide",
+    "Slide": "wsireg.io.slide",
+    "write_ome_zarr": "wsireg.io.ngff",
+    "write_ome_tiff": "wsireg.io.ngff",
+    "Transform": "wsireg.engine.transform",
+    "register": "wsireg.run.register",
+    "batch": "wsireg.run.batch",
+    "evaluate": "wsireg.run.evaluate",
+    "stack": "wsireg.run.stack",
     "WsiregError": "wsireg.errors",
     "SlideError": "wsireg.errors",
 }

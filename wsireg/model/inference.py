@@ -1,6 +1,6 @@
 """Algorithm 1 of DeepHistReg on in-memory tensors: one implementation for training and inference.
 
-Conventions are those of :mod:`wsireg.coords` and :mod:`wsireg.field`: images are
+Conventions are those of :mod:`wsireg.core.coords` and :mod:`wsireg.core.field`: images are
 ``(N, C, H, W)``, fields ``(N, 2, H, W)`` (channel 0 = x, channel 1 = y) in **pixels of the grid
 they live on**, backward mapping ``warped(x) = moving(x + u(x))``.
 
@@ -8,18 +8,18 @@ One pyramid level (:func:`register_level`, lines 4-21 of Algorithm 1)
     Input: the moving image already warped by the current field ``u`` and the fixed image, both
     in the network representation (:func:`network_input`, one channel, background 0), a block or
     a whole image. The fixed image is unfolded once into ``P x P`` patches at stride ``S``
-    (:func:`wsireg.tiling.unfold`, padded with the background value). For each of the ``M``
+    (:func:`wsireg.core.tiling.unfold`, padded with the background value). For each of the ``M``
     iterations the moving image is warped by the level's field ``v`` so far (for ``m > 0``),
     unfolded the same way, and the level's network predicts a displacement for each patch pair,
-    ``G`` patches at a time (:func:`wsireg.tiling.groups`). The central ``S x S`` square of every
-    patch field is kept and folded back (:func:`wsireg.tiling.fold_centres`) into ``v_m``, which
+    ``G`` patches at a time (:func:`wsireg.core.tiling.groups`). The central ``S x S`` square of every
+    patch field is kept and folded back (:func:`wsireg.core.tiling.fold_centres`) into ``v_m``, which
     is composed into the level field: ``v <- v o v_m``, i.e. ``v(x) <- v_m(x) + v(x + v_m(x))``
-    (:func:`wsireg.field.compose`). Returns ``v``, so that
+    (:func:`wsireg.core.field.compose`). Returns ``v``, so that
     ``fixed(x) ~ moving(x + v(x))``.
 
     Training (lines 16-18): for every group selected by the :class:`GroupTrainer` the forward
     pass keeps its graph, the moving patches are warped by their own prediction ``v_t``, and
-    ``L = mean_patches[-NCC(M_w, F) + alpha * CURV(v_t)]`` (:func:`wsireg.losses.registration_loss`)
+    ``L = mean_patches[-NCC(M_w, F) + alpha * CURV(v_t)]`` (:func:`wsireg.core.losses.registration_loss`)
     is back-propagated and the optimiser steps before the next group is processed (only one
     group's graph is ever alive). The displacement kept for folding is the forward result.
 
@@ -27,8 +27,8 @@ The pyramid (:func:`register_pyramid`, lines 1-3 and 22)
     Both images are converted to the network representation once, padded on the right/bottom
     with the background to a multiple of ``2^(N-1)`` and halved ``N - 1`` times by 2x2 averaging,
     so pixel ``j`` of level ``k`` covers level-0 pixels ``[2^k j, 2^k (j + 1))`` exactly as in
-    :mod:`wsireg.coords`. Coarse to fine: ``u`` (zero on the coarsest level) is upsampled to the
-    next level (:func:`wsireg.field.resize_field`, values doubled), the **original** level image
+    :mod:`wsireg.core.coords`. Coarse to fine: ``u`` (zero on the coarsest level) is upsampled to the
+    next level (:func:`wsireg.core.field.resize_field`, values doubled), the **original** level image
     is warped by it (so every network input is interpolated from the source once), the level
     field ``v`` is computed and ``u <- u o v``. The network of pyramid level ``k`` is
     ``model[k]`` (coarsest first); with ``levels < model.num_levels`` only the finest ``levels``
@@ -36,7 +36,7 @@ The pyramid (:func:`register_pyramid`, lines 1-3 and 22)
     pixels: warp the original moving image with it, once.
 
 The out-of-core scheduler calls :func:`register_level` block by block with blocks read with a
-halo (:func:`wsireg.tiling.axis_window`); it is a pure function of tensors and the network.
+halo (:func:`wsireg.core.tiling.axis_window`); it is a pure function of tensors and the network.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsireg import field as fields
-from wsireg import losses, tiling
-from wsireg.network import MultiLevelModel
+from wsireg.core import field as fields
+from wsireg.core import losses, tiling
+from wsireg.model.network import MultiLevelModel
 
 __all__ = [
     "BACKGROUND",
@@ -109,7 +109,7 @@ class InferenceSettings:
     """Network input, see :func:`network_input`."""
     smoothing: float = 16.0
     """Standard deviation (pixels of the level) of the Gaussian applied to each iteration's
-    folded field before it is composed (:func:`wsireg.field.smooth_field`; inference only).
+    folded field before it is composed (:func:`wsireg.core.field.smooth_field`; inference only).
     It removes the seams between neighbouring patch centres and the patch-level noise:
     ``benchmarks/network_accuracy.py`` (50 held-out pairs) went from 74.4 % to 85.1 % end-point
     error reduction with the stage-1 weights (see ``wsireg/weights/README.md``). ``S / 4``:
@@ -156,7 +156,7 @@ def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> Infer
 def network_input(rgb: Tensor, representation: str = "od") -> Tensor:
     """The one conversion from RGB ``(N, 3, H, W)`` (uint8, or float in ``[0, 1]``) to the
     network representation ``(N, 1, H, W)`` in ``[0, 1]``, background 0: see
-    :func:`wsireg.losses.to_network_input` (``"od"``: optical-density magnitude). Pointwise, so a
+    :func:`wsireg.core.losses.to_network_input` (``"od"``: optical-density magnitude). Pointwise, so a
     block equals the same pixels of a whole-image conversion."""
     return losses.to_network_input(rgb, representation)
 
@@ -213,7 +213,7 @@ class GroupTrainer:
     supervision: float = 0.0
     shuffle: bool = True
     similarity: str = "ncc"
-    """SIM of the loss (:func:`wsireg.losses.registration_loss`): the paper's ``"ncc"``."""
+    """SIM of the loss (:func:`wsireg.core.losses.registration_loss`): the paper's ``"ncc"``."""
 
     def select(self, n_groups: int) -> set[int]:
         """Indices of the groups to train among ``n_groups``."""
@@ -494,7 +494,7 @@ def register_pyramid(
     Returns:
         ``u`` ``(N, 2, H, W)`` in pixels of the input grid, ``fixed(x) ~ moving(x + u(x))``:
         warp the original moving image with it once
-        (``wsireg.field.warp_image(moving, u)``).
+        (``wsireg.core.field.warp_image(moving, u)``).
     """
     cfg = inference_settings(
         model,

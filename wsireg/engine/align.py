@@ -1,6 +1,6 @@
 """Initial (affine) alignment of two differently stained sections, at low resolution.
 
-Conventions are those of :mod:`wsireg.coords`: images ``[y, x, c]`` uint8 RGB with a white
+Conventions are those of :mod:`wsireg.core.coords`: images ``[y, x, c]`` uint8 RGB with a white
 background, points ``(x, y)``, coordinates in **level-0 pixels** with pixel centres at integers,
 and an affine ``A`` (3x3, homogeneous) maps a **target** (fixed) level-0 position to the
 **source** (moving) level-0 position (backward mapping). The images given to :func:`align` are
@@ -28,7 +28,7 @@ Algorithm (:func:`align`; sizes are pixels across the tissue's bounding box, not
    NCC then at 256 px.
 
 Measured on two ANHIR stain pairs (H&E vs IHC, 5 %) x 18 rotated / mirrored / torn / rescaled
-variants and on 8 :mod:`wsireg.synthetic` pairs (``benchmarks/align_accuracy.py``): global NCC
+variants and on 8 :mod:`wsireg.synthetic.texture` pairs (``benchmarks/align_accuracy.py``): global NCC
 failed on torn tissue; an early NGF variant (not re-tuned) was far worse; a 64 px
 optimisation level was biased by torn edges; a 512 px level did not help (the residual is
 nonrigid); rank-equalised OD and inverted grey were as accurate as OD but failed one stress
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg.coords import grid_to_level0_affine
+from wsireg.core.coords import grid_to_level0_affine
 from wsireg.errors import InputError
 
 __all__ = [
@@ -95,7 +95,7 @@ class AlignResult:
     """Outcome of :func:`align`.
 
     ``matrix`` is the 3x3 homogeneous affine mapping **target** level-0 ``(x, y, 1)`` to
-    **source** level-0 ``(x, y, 1)`` (see :mod:`wsireg.coords`). ``similarity_before`` is the
+    **source** level-0 ``(x, y, 1)`` (see :mod:`wsireg.core.coords`). ``similarity_before`` is the
     similarity of the stain representations with the identity (level-0 to level-0) transform,
     ``similarity_after`` with ``matrix``: the local NCC the optimisation maximises, on the
     finest working level, averaged over the target's tissue crop (background counts 0), so in

@@ -2,7 +2,7 @@
 
 A :class:`Transform` maps level-0 positions of the **target** (fixed) slide to level-0 positions
 of the **source** (moving) slide, ``T(x) = A @ (x + u(x))`` (the convention of
-:mod:`wsireg.coords`). It is a chain of :class:`Stage` s, applied first to last, so that the
+:mod:`wsireg.core.coords`). It is a chain of :class:`Stage` s, applied first to last, so that the
 transforms of serial sections compose without resampling anything: source pixels are
 interpolated once, whatever the number of stages.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .coords import from_level0, to_level0
-from .errors import TransformError
+from wsireg.core.coords import from_level0, to_level0
+from wsireg.errors import TransformError
 
 FORMAT_VERSION = 1
 FIELD_UNITS = "level-0 pixels"
@@ -395,7 +395,7 @@ class Transform:
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``transform.json`` and the fields into the directory ``path`` (staged)."""
-        from .output import staged_output
+        from wsireg.io.output import staged_output
 
         path = Path(path)
         with staged_output(path, overwrite) as stage_dir:

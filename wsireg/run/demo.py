@@ -1,6 +1,6 @@
 """``wsireg demo``: a synthetic pair with a known deformation, registered end to end.
 
-The pair (:func:`wsireg.synthetic.synthetic_pair`): an H&E-like source and an IHC-like target of
+The pair (:func:`wsireg.synthetic.slides.synthetic_pair`): an H&E-like source and an IHC-like target of
 the same procedural tissue, the target sampled through a known smooth deformation plus a
 rotation, so the truth ``T: target -> source`` is exact. Both are written as pyramidal
 OME-TIFFs in ``OUT/inputs``; :func:`wsireg.register` runs on them into ``OUT/result``; the
@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from .output import check_output, remove
+from wsireg.io.output import check_output, remove
 
 
 def run_demo(
     out: str | Path, *, size: int = 4096, seed: int = 7, overwrite: bool = False
 ) -> dict[str, Any]:
-    from .pipeline import register
-    from .synthetic import pair_landmarks, synthetic_pair, write_synthetic_slide
+    from wsireg.run.register import register
+    from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_slide
 
     out = Path(out)
     check_output(out, overwrite)

@@ -1,6 +1,6 @@
 """Pure tensor similarity measures, regularisers and the network input representation.
 
-Images are ``(N, C, H, W)`` and fields ``(N, 2, H, W)`` as in :mod:`wsireg.coords`. Every measure
+Images are ``(N, C, H, W)`` and fields ``(N, 2, H, W)`` as in :mod:`wsireg.core.coords`. Every measure
 returns one value per sample, shape ``(N,)``; callers reduce (``.mean()``). Similarities are
 "higher is better"; losses to minimise are built from them (see :func:`registration_loss`, the
 paper's Eq. 1: ``-NCC(M, F) + alpha * CURV(u)``).
@@ -175,7 +175,7 @@ def registration_loss(
 ) -> Tensor:
     """The paper's objective (Eq. 1), a scalar: ``mean_N[-SIM(warped, fixed) + alpha CURV(u)]``
     with SIM the global NCC of each item (``"ncc"``, the paper's) or the mean squared local NCC
-    (``"lncc2"``, 7 px windows: polarity-free, the similarity of :mod:`wsireg.refine`)."""
+    (``"lncc2"``, 7 px windows: polarity-free, the similarity of :mod:`wsireg.model.refine`)."""
     if similarity == "ncc":
         sim = ncc(warped, fixed)
     elif similarity == "lncc2":
@@ -230,7 +230,7 @@ def haematoxylin(rgb: Tensor, reference: float = OD_REFERENCE) -> Tensor:
     ``(N, 1, H, W)``.
 
     The optical density is split into the unit OD vectors of haematoxylin, eosin and DAB
-    (Ruifrok & Johnston, :mod:`wsireg.synthetic`), ``OD = c @ V``, ``c = OD @ V^-1``, and only
+    (Ruifrok & Johnston, :mod:`wsireg.synthetic.texture`), ``OD = c @ V``, ``c = OD @ V^-1``, and only
     the haematoxylin amount is kept: the nuclear (counter)stain that H&E, immunohistochemistry
     and most special stains share, while eosin and DAB mark structures that differ by stain.
     """
@@ -245,7 +245,7 @@ def _haematoxylin_unmix() -> tuple[float, float, float]:
     """The column of ``V^-1`` that gives the haematoxylin amount (computed once)."""
     import numpy as np
 
-    from wsireg.synthetic import dye_basis
+    from wsireg.core.stain import dye_basis
 
     return tuple(float(v) for v in np.linalg.inv(dye_basis())[:, 0])
 

@@ -11,7 +11,7 @@
 * **plain images** (PNG, JPEG, flat TIFF, ...) read whole, for small ANHIR-style images.
 
 Every level is exposed as a lazy dask array ``(H, W, 3)`` uint8 RGB (axes and units as in
-:mod:`wsireg.coords`); transparent or missing regions read as white, whatever the backend.
+:mod:`wsireg.core.coords`); transparent or missing regions read as white, whatever the backend.
 Slicing ``slide.level(0)[y0:y1, x0:x1]`` reads only the tiles it touches. Errors are
 :class:`~wsireg.errors.SlideError` with a one-line message naming the file.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .errors import SlideError
+from wsireg.errors import SlideError
 
 #: Preferred side of a dask chunk of a level, rounded to a multiple of the native tile size.
 CHUNK = 1024
@@ -298,7 +298,7 @@ class _OmeZarrBackend(_Backend):
     vendor = "ome-zarr"
 
     def __init__(self, path: Path) -> None:
-        from .ngff import read_ome_zarr_levels
+        from wsireg.io.ngff import read_ome_zarr_levels
 
         self._arrays, self._meta = read_ome_zarr_levels(path)
         axes = [a["name"] if isinstance(a, dict) else a for a in self._meta.get("axes", [])]
@@ -490,7 +490,7 @@ def _looks_like_tiff(path: Path) -> bool:
 # The slide
 # --------------------------------------------------------------------------------------------
 class Slide:
-    """A whole-slide image opened lazily (see the module docstring and :mod:`wsireg.coords`).
+    """A whole-slide image opened lazily (see the module docstring and :mod:`wsireg.core.coords`).
 
     OpenSlide-like attributes: ``level_count``, ``dimensions`` and ``level_dimensions``
     (``(width, height)`` as in OpenSlide), ``level_downsamples``, ``properties``, ``vendor``,

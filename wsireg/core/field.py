@@ -1,6 +1,6 @@
 """Pure tensor functions on 2-D displacement fields (no ``nn.Module``, no state).
 
-Axes, channel order, units and the backward-mapping convention are those of :mod:`wsireg.coords`:
+Axes, channel order, units and the backward-mapping convention are those of :mod:`wsireg.core.coords`:
 images are ``(N, C, H, W)``, fields ``(N, 2, H, W)`` (channel 0 = x, channel 1 = y) in pixels of
 the grid they live on, pixel centres at integers, and a field ``u`` warps by
 ``warped(x) = moving(x + u(x))``.
@@ -14,7 +14,7 @@ the grid they live on, pixel centres at integers, and a field ``u`` warps by
     moves pixels exactly.
 
 Resampling between pyramid levels (:func:`resize_field`) instead follows the pixel-*area*
-geometry of :mod:`wsireg.coords` (``F.interpolate(..., align_corners=False)``): a grid at
+geometry of :mod:`wsireg.core.coords` (``F.interpolate(..., align_corners=False)``): a grid at
 downsample ``d`` has its pixel ``j`` centred at level-0 ``d (j + 0.5) - 0.5``.
 
 Borders
@@ -150,7 +150,7 @@ def rescale_field(u: Tensor, factor: float | tuple[float, float]) -> Tensor:
 
     Use it to change units without resampling, e.g. ``rescale_field(u, d)`` turns a field in
     pixels of a grid at downsample ``d`` into level-0 pixels (the stored unit of
-    :mod:`wsireg.coords`), and ``rescale_field(u, 1 / d)`` goes back.
+    :mod:`wsireg.core.coords`), and ``rescale_field(u, 1 / d)`` goes back.
     """
     fx, fy = (factor, factor) if isinstance(factor, int | float) else factor
     return u * u.new_tensor([fx, fy]).reshape(1, 2, 1, 1)
@@ -159,7 +159,7 @@ def rescale_field(u: Tensor, factor: float | tuple[float, float]) -> Tensor:
 def resize_field(u: Tensor, size: tuple[int, int]) -> Tensor:
     """Resample ``u`` to a grid of ``size = (H', W')`` covering the same area (pyramid step).
 
-    Positions follow the pixel-area geometry of :mod:`wsireg.coords` (bilinear,
+    Positions follow the pixel-area geometry of :mod:`wsireg.core.coords` (bilinear,
     ``align_corners=False``, edges replicated); values are rescaled to the new pixels:
     ``u'_x = u_x * W' / W`` and ``u'_y = u_y * H' / H``. Shrinking does not low-pass filter
     first; fields are smooth at the scale of one pyramid step.

@@ -12,7 +12,7 @@ near a patch edge may point outside the patch. With margin ``m = (P - S) / 2``:
 * padding replicates the edge pixels by default (``mode="replicate"``); ``mode="constant"`` with
   ``value`` pads with a constant, e.g. the white of the slide background.
 
-Axes follow :mod:`wsireg.coords`; patches are ordered batch-major, then row-major over the patch
+Axes follow :mod:`wsireg.core.coords`; patches are ordered batch-major, then row-major over the patch
 grid: ``index = (n * rows + i) * cols + j``.
 
 The out-of-core scheduler processes blocks of the target grid (dask ``map_overlap`` model). A

@@ -2,7 +2,7 @@
 
 Each slide ``i`` is registered to its neighbour towards the reference ``K`` (``i + 1`` below
 ``K``, ``i - 1`` above): neighbouring sections are more alike than distant ones. The pairwise
-transforms are then composed along the chain (:meth:`wsireg.transform.Transform.then`:
+transforms are then composed along the chain (:meth:`wsireg.engine.transform.Transform.then`:
 reference -> K -/+ 1 -> ... -> i), so each slide is interpolated once, by one :func:`warp` of
 the composed chain, into the reference frame. ``stack(slides, out, reference)`` writes::
 
@@ -12,7 +12,7 @@ the composed chain, into the reference frame. ``stack(slides, out, reference)`` 
     OUT/stack.json                   slides, names, reference, chains, timings
 
 Names are ``<position>-<slide stem>`` (``00-section``, ...). The pairwise registrations are
-independent and run like a :func:`wsireg.batches.batch` (in process, on a LocalCluster of
+independent and run like a :func:`wsireg.run.batch.batch` (in process, on a LocalCluster of
 ``workers``, or on the cluster at ``scheduler``); the warps fan out their chunks the same way.
 ``resume`` keeps every complete output and continues the incomplete ones.
 """
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batches import PairTask, check_batch_output, cluster_client, run_tasks
-from .errors import WsiregError
-from .evaluation import Pair, slide_stem, slug, write_json
-from .output import check_output
+from wsireg.errors import WsiregError
+from wsireg.io.output import check_output
+from wsireg.run.batch import PairTask, check_batch_output, cluster_client, run_tasks
+from wsireg.run.evaluate import Pair, slide_stem, slug, write_json
 
 STACK_JSON = "stack.json"
 
@@ -85,12 +85,12 @@ def stack(
     """Register serial sections ``slides`` into the frame of ``slides[reference]``.
 
     ``reference`` is a 0-based position in ``slides``. ``scheduler``/``workers``/``threads``/
-    ``resources`` run the pairwise registrations as :func:`wsireg.batches.batch` runs pairs (and
+    ``resources`` run the pairwise registrations as :func:`wsireg.run.batch.batch` runs pairs (and
     the warps on the same kind of cluster); ``warp_level``: target level of the warped slides;
     ``write_warped=False`` writes only the transforms. Other keyword arguments go to
-    :func:`wsireg.pipeline.register`.
+    :func:`wsireg.run.register.register`.
     """
-    from .slide import open_slide
+    from wsireg.io.slide import open_slide
 
     slides = [Path(s) for s in slides]
     if len(slides) < 2:
@@ -168,7 +168,7 @@ def _register_neighbours(
     overwrite: bool,
 ) -> dict[int, Path]:
     """Register each slide onto its neighbour towards the reference; their output folders."""
-    from .progress import is_quiet, progress
+    from wsireg.progress import is_quiet, progress
 
     scheduler, workers, threads = cluster["scheduler"], cluster["workers"], cluster["threads"]
     quiet = True if (scheduler is not None or workers) else is_quiet()
@@ -210,8 +210,8 @@ def _compose(
     overwrite: bool,
 ) -> Path:
     """Save the composed transform reference -> slide ``index`` at ``path``."""
-    from .slide import open_slide
-    from .transform import SlideRef, Transform
+    from wsireg.engine.transform import SlideRef, Transform
+    from wsireg.io.slide import open_slide
 
     if resume and path.is_dir():
         return path
@@ -243,7 +243,7 @@ def _warp(
     overwrite: bool,
 ) -> Path:
     """One interpolation of ``slide`` through its composed transform into ``path``."""
-    from .warp import warp
+    from wsireg.engine.warp import warp
 
     if resume and path.exists():
         return path
@@ -260,7 +260,7 @@ def _report(
     options: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from . import __version__
+    from wsireg import __version__
 
     entries = []
     for i, (slide, name) in enumerate(zip(slides, names, strict=True)):

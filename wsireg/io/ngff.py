@@ -1,12 +1,12 @@
 """Multiscale OME-Zarr (NGFF 0.4 / 0.5) and pyramidal OME-TIFF writers, built out of core.
 
 Pixels come in as ``[y, x, c]`` arrays of shape ``(H, W, C)``, level-0 pixels, and are stored as
-``[c, y, x]`` with NGFF axes ``c, y, x`` (see :mod:`wsireg.coords`). ``mpp`` is ``(x, y)``
-micrometres per level-0 pixel, as :attr:`wsireg.slide.Slide.mpp`.
+``[c, y, x]`` with NGFF axes ``c, y, x`` (see :mod:`wsireg.core.coords`). ``mpp`` is ``(x, y)``
+micrometres per level-0 pixel, as :attr:`wsireg.io.slide.Slide.mpp`.
 
 Level 0 is written chunk by chunk from a dask array; level ``k`` is then computed from level
 ``k - 1`` read back from disk (:func:`build_pyramid`), so the memory used does not depend on the
-image size. Level ``k`` is the grid at downsample ``2**k`` of :mod:`wsireg.pyramid`; its chunks
+image size. Level ``k`` is the grid at downsample ``2**k`` of :mod:`wsireg.io.pyramid`; its chunks
 are ``(1, min(chunk, H_k), min(chunk, W_k))``.
 
 The pieces: :func:`create_ome_zarr` (arrays and metadata, no pixels), :func:`write_level0`,
@@ -15,7 +15,7 @@ The pieces: :func:`create_ome_zarr` (arrays and metadata, no pixels), :func:`wri
 (:func:`write_ome_tiff_levels` streams an existing pyramid, e.g. an OME-Zarr written here).
 :func:`read_ome_zarr_levels` opens the levels of an OME-Zarr image for reading.
 
-The CLI caps glibc's malloc arenas first (:func:`wsireg.resources.limit_malloc_arenas`), which
+The CLI caps glibc's malloc arenas first (:func:`wsireg.engine.parallel.limit_malloc_arenas`), which
 keeps the peak memory of long conversions flat.
 """
 
@@ -36,9 +36,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .output import check_output, staged_output
-from .progress import dask_progress, progress
-from .pyramid import METHODS, downsample2, halved_shapes, level_shapes
+from wsireg.io.output import check_output, staged_output
+from wsireg.io.pyramid import METHODS, downsample2, halved_shapes, level_shapes
+from wsireg.progress import dask_progress, progress
 
 NGFF_VERSIONS = ("0.4", "0.5")
 TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
@@ -161,7 +161,7 @@ def create_ome_zarr(
 
     Level arrays ``"0" .. "n-1"`` have shape ``(channels, H_k, W_k)`` and chunks
     ``(1, min(chunk, H_k), min(chunk, W_k))``; ``levels`` defaults to halving until the top level
-    fits in one chunk of at most 512 px (:func:`wsireg.pyramid.level_shapes`). NGFF 0.4 is zarr
+    fits in one chunk of at most 512 px (:func:`wsireg.io.pyramid.level_shapes`). NGFF 0.4 is zarr
     v2 with ``/`` chunk keys, 0.5 is zarr v3. ``compressor``: a numcodecs codec (0.4) or a zarr
     v3 bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated); ``None`` for
     :func:`default_compressor`. Unwritten chunks read as white for RGB uint8 (0 otherwise).
@@ -211,7 +211,7 @@ def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
 def build_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
     """Fill levels ``1 .. n-1`` of ``group``, each from the previous level read from disk.
 
-    Level ``k`` is :func:`wsireg.pyramid.downsample2` of level ``k - 1`` (``"mean"`` or
+    Level ``k`` is :func:`wsireg.io.pyramid.downsample2` of level ``k - 1`` (``"mean"`` or
     ``"nearest"``), computed block by block: each task reads a ``2 x 2``-chunk region of
     level ``k - 1`` and writes whole chunks of level ``k``. The method is recorded as the
     multiscale ``type``.
@@ -390,7 +390,7 @@ def write_ome_tiff(
 ) -> Path:
     """Write ``image`` (``(H, W, 3)`` uint8 RGB) as a tiled pyramidal OME-TIFF with SubIFDs.
 
-    The pyramid (:func:`wsireg.pyramid.level_shapes` with ``chunk=tile``, or ``levels``
+    The pyramid (:func:`wsireg.io.pyramid.level_shapes` with ``chunk=tile``, or ``levels``
     levels) is first built out of core as a temporary zarr (zstd level 1, chunks of one tile;
     about a third of the raw pixel size on disk for slide-like content) in a hidden directory
     beside ``path``, then streamed into the TIFF by :func:`write_ome_tiff_levels`.

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from wsireg.errors import OutputExistsError
 
 
 def partial_path(path: str | Path) -> Path:

@@ -2,13 +2,13 @@
 CPU-budget choices, including an optional supervised warm-up on synthetic displacements).
 
 Conventions (axes, ``(x, y)`` order, pixel centres, backward fields) are those of
-:mod:`wsireg.coords`; images handled here are ``[y, x, c]`` uint8 RGB (white background) until
+:mod:`wsireg.core.coords`; images handled here are ``[y, x, c]`` uint8 RGB (white background) until
 they become ``(1, 3, H, W)`` float tensors in ``[0, 1]`` for
-:func:`wsireg.algorithm.register_pyramid`.
+:func:`wsireg.model.inference.register_pyramid`.
 
 Loop (paper Sec. 2, "The framework was trained ...")
     Every step registers a batch of ``batch`` pairs with
-    :func:`wsireg.algorithm.register_pyramid` and one :class:`~wsireg.algorithm.GroupTrainer`
+    :func:`wsireg.model.inference.register_pyramid` and one :class:`~wsireg.model.inference.GroupTrainer`
     per level: coarse to fine, ``M`` iterations per level, and for each group of ``G`` patches
     forward -> warp -> ``-NCC + alpha CURV`` -> backward -> Adam step (one group's graph alive at
     a time). Each level has its own Adam optimiser and its own exponential learning-rate
@@ -47,7 +47,7 @@ Data (:class:`TrainingData`), never the ANHIR evaluation pairs
     Crops of real H&E tissue (``cmu-1-small-region.svs``, ``tcga-cr-7395-01a-01-ts1.svs``, read
     with :func:`wsireg.open_slide` and resampled to a random scale between ``scale_range``),
     real IHC (``skimage.data.immunohistochemistry()``), and procedural tissue of
-    :mod:`wsireg.synthetic` (training seeds only, random ``texture_downsample``). The held-out
+    :mod:`wsireg.synthetic.texture` (training seeds only, random ``texture_downsample``). The held-out
     regions of :data:`HOLDOUT` are cut away before any crop is taken. A crop of side
     ``crop + 2 * margin`` becomes a pair (:func:`make_pair`):
 
@@ -87,13 +87,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsireg import field as wfield
-from wsireg.algorithm import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
+from wsireg.core import field as wfield
+from wsireg.core.losses import REPRESENTATIONS, SIMILARITIES
+from wsireg.core.stain import dye_basis
 from wsireg.errors import InputError, WsiregError
-from wsireg.losses import REPRESENTATIONS, SIMILARITIES
-from wsireg.network import MultiLevelModel, UNetConfig
+from wsireg.model.inference import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
+from wsireg.model.network import MultiLevelModel, UNetConfig
 from wsireg.progress import progress
-from wsireg.synthetic import dye_basis
 
 __all__ = [
     "HOLDOUT",
@@ -233,7 +233,7 @@ class TrainConfig:
     stain_loss: str = "same"
     """``"same"``: loss compares both sides in the original stain; ``"cross"``: the inputs."""
     representation: str = "od"
-    """Network input (:func:`wsireg.losses.to_network_input`)."""
+    """Network input (:func:`wsireg.core.losses.to_network_input`)."""
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     head_width: int = 16
     seed: int = 0
@@ -305,7 +305,7 @@ class TrainConfig:
 
     def inference(self) -> InferenceSettings:
         """The inference settings stored with the trained model (field smoothing ``S / 4``,
-        see :attr:`wsireg.algorithm.InferenceSettings.smoothing`)."""
+        see :attr:`wsireg.model.inference.InferenceSettings.smoothing`)."""
         return InferenceSettings(
             iterations=self.iterations,
             patch=self.inference_patch,
@@ -327,7 +327,7 @@ HOLDOUT: dict[str, str] = {
     "tcga": "tcga-cr-7395-01a-01-ts1.svs level 0 (3567 x 4443 px): columns x >= 3332 "
     "(right quarter)",
     "ihc": "skimage.data.immunohistochemistry() (512 x 512 px): columns x >= 384 (right quarter)",
-    "synthetic": "wsireg.synthetic seeds >= 900 (training uses TrainConfig.synthetic_seeds)",
+    "synthetic": "wsireg.synthetic.texture seeds >= 900 (training uses TrainConfig.synthetic_seeds)",
 }
 """Regions never used for training, for evaluation (also written to the model's README)."""
 
@@ -338,7 +338,7 @@ _SPLITS = {"cmu": (0, 2225), "tcga": (1, 3332), "ihc": (1, 384)}
 
 def default_slides_dir() -> Path:
     """``../shared/data/slides`` beside the repository (where the real training slides live)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "slides"
 
 
 def load_real_image(name: str, slides_dir: str | Path | None = None) -> np.ndarray:
@@ -350,7 +350,7 @@ def load_real_image(name: str, slides_dir: str | Path | None = None) -> np.ndarr
         return np.ascontiguousarray(data.immunohistochemistry()[..., :3])
     if name not in _REAL_FILES:
         raise ValueError(f"unknown real image {name!r}; known: cmu, tcga, ihc")
-    from wsireg.slide import open_slide
+    from wsireg.io.slide import open_slide
 
     path = Path(slides_dir or default_slides_dir()) / _REAL_FILES[name]
     if not path.is_file():
@@ -725,7 +725,7 @@ class TrainingData:
         return self._bank[int(rng.integers(len(self._bank)))]
 
     def _synthetic(self, side: int, rng: np.random.Generator) -> Crop:
-        from wsireg.synthetic import H_AND_E, IHC_DAB, get_texture
+        from wsireg.synthetic.texture import H_AND_E, IHC_DAB, get_texture
 
         seed = int(rng.choice(self.cfg.synthetic_seeds))
         lo, hi = self.cfg.synthetic_downsample
@@ -811,7 +811,7 @@ def train(
     slides_dir: str | Path | None = None,
     data: Callable[[np.random.Generator, float], Pair] | None = None,
 ) -> MultiLevelModel:
-    """Train a :class:`~wsireg.network.MultiLevelModel` and save it to ``out_dir/model.pt``.
+    """Train a :class:`~wsireg.model.network.MultiLevelModel` and save it to ``out_dir/model.pt``.
 
     ``out_dir`` receives ``config.json``, ``log.csv`` (per epoch: wall seconds, mean loss of
     every level and overall, learning rates), ``checkpoint.pt`` (after every epoch) and

@@ -3,15 +3,15 @@
 ``register(source, target, out)`` registers the source (moving) slide onto the target (fixed)
 slide and writes, in the directory ``out``::
 
-    transform/          the transform (wsireg.transform format): T(x) = A (x + u(x))
+    transform/          the transform (wsireg.engine.transform format): T(x) = A (x + u(x))
     warped.ome.zarr     the source warped into target space (level ``warp_level``), a pyramid
     qc/                 target.png, checkerboard-*.png and overlay-*.png before / affine / final
     report.json         inputs, parameters, timings per stage, peak RSS, device, similarity
 
 Stages: (1) thumbnails at equal physical resolution (mpp) and the affine initial alignment
-(:mod:`wsireg.align`); (2) the nonrigid field, streamed level by level down to the target level
-``level`` (:mod:`wsireg.scheduler`: ``refine`` instance-optimisation steps per block, after
-the per-level networks when ``weights`` are given); (3) the warp (:mod:`wsireg.warp`); (4) QC
+(:mod:`wsireg.engine.align`); (2) the nonrigid field, streamed level by level down to the target level
+``level`` (:mod:`wsireg.engine.scheduler`: ``refine`` instance-optimisation steps per block, after
+the per-level networks when ``weights`` are given); (3) the warp (:mod:`wsireg.engine.warp`); (4) QC
 and report.
 The output is staged under ``.OUT.partial`` and renamed at the end; ``resume`` continues a
 staged output left by a killed run (alignment, finished field blocks and warp chunks are kept)
@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from .algorithm import inference_settings
-from .errors import InputError, WsiregError
-from .progress import progress
-from .refine import RefineSettings
-from .scheduler import SchedulerSettings, estimate_field
-from .transform import SlideRef, Stage, Transform
-from .warp import warp, warp_block
+from wsireg.engine.scheduler import SchedulerSettings, estimate_field
+from wsireg.engine.transform import SlideRef, Stage, Transform
+from wsireg.engine.warp import warp, warp_block
+from wsireg.errors import InputError, WsiregError
+from wsireg.model.inference import inference_settings
+from wsireg.model.refine import RefineSettings
+from wsireg.progress import progress
 
 #: Longest side of the thumbnails used by the alignment and the QC pictures.
 THUMBNAIL_SIDE = 1024
@@ -61,7 +61,7 @@ class Result:
 
 
 def resolve_device(device: str) -> str:
-    from .network import resolve_device as resolve
+    from wsireg.model.network import resolve_device as resolve
 
     return str(resolve(device))
 
@@ -107,7 +107,7 @@ def default_levels(
     0 of large slides: a 10k^2 pair (up to 40 px of deformation) ended at 5.8 px mean error with 4
     levels, 2.5 with 5 and 1.95 with 6 (coarsest 32x), and faster (refinement steps halve per
     finer level). Levels coarser than the networks are registered by instance optimisation
-    alone (:func:`wsireg.scheduler.estimate_field`), so without ``refine`` the depth is the
+    alone (:func:`wsireg.engine.scheduler.estimate_field`), so without ``refine`` the depth is the
     model's."""
     longest = max(target_ref.shape) / finest
     levels = int(np.clip(math.floor(math.log2(max(longest, 1) / COARSEST_SIDE)) + 1, 1, 8))
@@ -120,8 +120,8 @@ def ensure_pyramid(slide: Any, workdir: Path, side: int = THUMBNAIL_SIDE) -> Any
     """``slide`` itself, or, when it has no level coarse enough for a thumbnail of about
     ``side`` px and its finest level is large, an OME-Zarr pyramid of it built out of core in
     ``workdir`` (so no step reads a whole large level at once)."""
-    from .ngff import write_ome_zarr
-    from .slide import open_slide
+    from wsireg.io.ngff import write_ome_zarr
+    from wsireg.io.slide import open_slide
 
     h, w = slide.level_shape(slide.level_count - 1)
     if max(h, w) <= 8 * side or h * w <= 64 << 20:
@@ -169,8 +169,8 @@ def register(
     optimisation alone 0.191 % / 0.505 %, affine 0.257 % / 0.536 %); on held-out synthetic
     pairs they are accurate (``benchmarks/network_accuracy.py``).
     """
-    from .output import remove, staged_output
-    from .slide import open_slide
+    from wsireg.io.output import remove, staged_output
+    from wsireg.io.slide import open_slide
 
     out = Path(out)
     timings: dict[str, float] = {}
@@ -282,7 +282,12 @@ def register(
 # Stages
 # --------------------------------------------------------------------------------------------
 def _load_model(weights: str | Path | None, device: str) -> tuple[Any, dict[str, Any] | None]:
-    from .network import MultiLevelModel, default_weights_path, load_default, sha256_file
+    from wsireg.model.network import (
+        MultiLevelModel,
+        default_weights_path,
+        load_default,
+        sha256_file,
+    )
 
     if weights is None or str(weights) == "none":
         return None, None
@@ -333,7 +338,7 @@ def _align(
     source: Any, target: Any, work: Path, resume: bool
 ) -> tuple[np.ndarray, dict[str, Any], _Thumbs]:
     """Affine initial alignment on thumbnails at equal physical resolution."""
-    from .align import align
+    from wsireg.engine.align import align
 
     scale = physical_scale(source, target)
     t_ref = SlideRef.from_slide(target)
@@ -375,7 +380,7 @@ def _quality_control(
     transform: Transform,
     thumbs: _Thumbs,
 ) -> dict[str, float]:
-    from .qc import write_qc
+    from wsireg.io.qc import write_qc
 
     d = thumbs.target_downsample
     h, w = thumbs.target.shape[:2]
@@ -402,8 +407,8 @@ def _report(
     timings: dict[str, float],
     warp_level: int | None,
 ) -> dict[str, Any]:
-    from . import __version__
-    from .resources import peak_rss_mib
+    from wsireg import __version__
+    from wsireg.engine.parallel import peak_rss_mib
 
     def slide_info(slide: Any) -> dict[str, Any]:
         return {

@@ -1,7 +1,7 @@
 """The out-of-core warp engine: a source slide resampled into target space, chunk by chunk.
 
 :func:`warp_block` is the one block function: for a block of a target grid it computes the
-transform on the block (:mod:`wsireg.transform`), reads only the bounding box of the source
+transform on the block (:mod:`wsireg.engine.transform`), reads only the bounding box of the source
 region it needs from the source level closest in resolution, and resamples it (OpenCV
 ``remap``: bilinear with 1/32-pixel fixed-point weights on uint8, or nearest for label masks).
 Source pixels are interpolated once, whatever the number of composed stages. The registration
@@ -9,7 +9,7 @@ scheduler uses the same function to warp the source by the current transform.
 
 :func:`warp` runs one :func:`warp_block` per output chunk as independent dask tasks (threaded
 scheduler by default, or a dask.distributed cluster), writes level 0 of an OME-Zarr chunk by
-chunk, then builds the pyramid from it (:func:`wsireg.ngff.build_pyramid`). The output is
+chunk, then builds the pyramid from it (:func:`wsireg.io.ngff.build_pyramid`). The output is
 staged; ``resume`` continues a staged output left by a killed run, computing only the chunks
 that are missing (zarr writes each chunk atomically, so a chunk on disk is complete).
 """
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .coords import grid_to_level0_affine
-from .errors import TransformError
-from .transform import Transform
+from wsireg.core.coords import grid_to_level0_affine
+from wsireg.engine.transform import Transform
+from wsireg.errors import TransformError
 
 #: Largest source box (pixels) one block may read; beyond it a coarser level is used.
 MAX_BOX_PIXELS = 24 << 20
@@ -155,7 +155,7 @@ def warp_block(
     interpolation: str = "linear",
 ) -> np.ndarray:
     """Pixels ``[y0:y0+h, x0:x0+w]`` of the target grid at ``out_downsample``, taken from
-    ``source`` (a :class:`wsireg.slide.Slide`) through ``transform``: (h, w, 3) uint8.
+    ``source`` (a :class:`wsireg.io.slide.Slide`) through ``transform``: (h, w, 3) uint8.
 
     Outside the source slide the result is white.
     """
@@ -245,7 +245,7 @@ class _WarpJob:
         if self.transform is None:
             self.transform = _load_transform(self.transform_path)
         if self.source is None:
-            from .slide import open_slide
+            from wsireg.io.slide import open_slide
 
             self.source = open_slide(self.source_path)
         if self.output is None:
@@ -338,9 +338,9 @@ def warp(
     """
     import time
 
-    from .ngff import build_pyramid, create_ome_zarr, write_ome_tiff_levels
-    from .output import check_output, commit, partial_path, remove
-    from .slide import open_slide
+    from wsireg.io.ngff import build_pyramid, create_ome_zarr, write_ome_tiff_levels
+    from wsireg.io.output import check_output, commit, partial_path, remove
+    from wsireg.io.slide import open_slide
 
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
@@ -441,7 +441,7 @@ def _run_chunks(
 ) -> None:
     import dask
 
-    from .progress import dask_progress, progress
+    from wsireg.progress import dask_progress, progress
 
     if not chunks:
         return

@@ -2,7 +2,7 @@
 
 Landmark CSV (ANHIR): header ``,X,Y``, then one row per point: a 1-based index, X (column),
 Y (row), in level-0 pixels with pixel centres at integers (the convention of
-:mod:`wsireg.coords`).
+:mod:`wsireg.core.coords`).
 
 GeoJSON from QuPath puts pixel *corners* at integers (the first pixel's centre is (0.5, 0.5)),
 so coordinates are shifted by -0.5 on the way in and +0.5 on the way out
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from wsireg.errors import InputError
 
 PointMapper = Callable[[np.ndarray], np.ndarray]
 

@@ -2,12 +2,12 @@
 
 Architecture (paper Sec. 2, Fig. 1)
     Input: the moving and the fixed patch, one channel each (see
-    :func:`wsireg.losses.to_network_input`), concatenated to ``(N, 2, P, P)``. Encoder: ``D``
+    :func:`wsireg.core.losses.to_network_input`), concatenated to ``(N, 2, P, P)``. Encoder: ``D``
     levels of 3x3 convolution with stride 2 (instead of max pooling) + GroupNorm + PReLU, so the
     bottleneck is ``P / 2^D``. Decoder: 3x3 transposed convolutions with stride 2 + GroupNorm +
     PReLU, each fed with the previous decoder output concatenated with the encoder output of the
     same resolution (skip connection). Head: a 3x3 conv block and a 3x3 conv to 2 channels, the
-    displacement ``(u_x, u_y)`` in pixels of the input patch (:mod:`wsireg.coords`), multiplied
+    displacement ``(u_x, u_y)`` in pixels of the input patch (:mod:`wsireg.core.coords`), multiplied
     by ``output_scale``. The last conv starts near zero, so an untrained network predicts
     (almost) the identity. ``P`` must be a multiple of ``2^D``.
 
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsireg.core.tiling import groups
 from wsireg.errors import WsiregError
-from wsireg.tiling import groups
 
 __all__ = [
     "FORMAT",

@@ -10,7 +10,7 @@ of the correction (the network's field is taken as it is)
 
 with ``v = v0 + up(delta)``: the correction ``delta`` lives on a grid ``scale`` times coarser
 (smoothness for free, fewer unknowns) and is upsampled bilinearly. Tensors follow
-:mod:`wsireg.coords` / :mod:`wsireg.field`: images ``(1, C, H, W)`` in the network
+:mod:`wsireg.core.coords` / :mod:`wsireg.core.field`: images ``(1, C, H, W)`` in the network
 representation (background 0), fields ``(1, 2, H, W)`` in pixels of the image grid. A pure
 function of tensors: the scheduler calls it block by block, and it runs on any device.
 """
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import field as fields
-from . import losses
+from wsireg.core import field as fields
+from wsireg.core import losses
 
 
 @dataclass(frozen=True)

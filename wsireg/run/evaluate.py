@@ -3,10 +3,10 @@
 Pair tables
     The ANHIR pair-table format: a CSV with the columns ``Source image`` and ``Target image``,
     optionally ``Source landmarks`` and ``Target landmarks`` (ANHIR landmark CSVs, see
-    :mod:`wsireg.annotations`), paths relative to the CSV; any other column is kept as metadata.
+    :mod:`wsireg.io.annotations`), paths relative to the CSV; any other column is kept as metadata.
     :func:`read_pairs` reads it into :class:`Pair` s, each with a stable, readable and unique
     folder name (``<row>-<source>-to-<target>``, the row index zero-padded), under which
-    :func:`wsireg.batches.batch` writes the pair's ``register`` output.
+    :func:`wsireg.run.batch.batch` writes the pair's ``register`` output.
 
 Metrics (ANHIR, Borovec et al. 2020)
     Point i of the source landmarks corresponds to point i of the target landmarks; where the
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, WsiregError
+from wsireg.errors import InputError, WsiregError
 
 SOURCE_IMAGE = "Source image"
 TARGET_IMAGE = "Target image"
@@ -173,8 +173,8 @@ def landmarks(
     source_landmarks: str | Path, target_landmarks: str | Path, target_image: str | Path
 ) -> Landmarks:
     """Read a pair's landmarks; the diagonal is that of the target slide's level 0."""
-    from .annotations import read_landmarks
-    from .slide import open_slide
+    from wsireg.io.annotations import read_landmarks
+    from wsireg.io.slide import open_slide
 
     src, tgt = read_landmarks(source_landmarks), read_landmarks(target_landmarks)
     n = min(len(src), len(tgt))
@@ -215,7 +215,7 @@ def landmark_metrics(
             inverse_residual_px_max=float(residual.max()),
         )
     if affine is not None and len(errors):
-        from .transform import Transform
+        from wsireg.engine.transform import Transform
 
         alone = Transform.from_affine(np.asarray(affine), transform.target, transform.source)
         affine_mapped, _ = alone.map_points(marks.source, "inverse")
@@ -259,7 +259,7 @@ def evaluate_pair(pair: Pair, folder: str | Path) -> dict[str, Any]:
     """Metrics of one pair from its ``register`` output ``folder`` (status ``ok``,
     ``missing`` when the folder does not exist, ``no landmarks``, or ``failed`` with the
     error when the folder or the landmarks cannot be read)."""
-    from .transform import Transform
+    from wsireg.engine.transform import Transform
 
     folder = Path(folder)
     row: dict[str, Any] = {"index": pair.index, "name": pair.name, "status": "ok", "error": ""}
@@ -295,7 +295,7 @@ def evaluate(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """ANHIR metrics of every pair of ``pairs_csv`` whose folder exists under ``results`` (a
-    :func:`wsireg.batches.batch` output). Returns ``{"pairs": [...], "summary": {...}}`` and
+    :func:`wsireg.run.batch.batch` output). Returns ``{"pairs": [...], "summary": {...}}`` and
     writes it as JSON to ``json_out`` when given (staged; replaced only with ``overwrite``)."""
     results = Path(results)
     if not results.is_dir():
@@ -315,7 +315,7 @@ def evaluate(
 
 def write_json(path: str | Path, document: Any, overwrite: bool = False) -> Path:
     """Write ``document`` as JSON to ``path``, staged (never half-written)."""
-    from .output import staged_output
+    from wsireg.io.output import staged_output
 
     with staged_output(path, overwrite) as stage:
         stage.write_text(json.dumps(_plain(document), indent=2) + "\n")

@@ -1,18 +1,18 @@
 """The streaming patch scheduler: Algorithm 1 (inference) out of core, level by level.
 
 Pyramid: ``levels`` grids of the target slide at downsamples ``d_k = d_fine * 2^(N-1-k)``,
-``k = 0`` coarsest (:mod:`wsireg.coords` grids). Each level owns a displacement field on disk,
+``k = 0`` coarsest (:mod:`wsireg.core.coords` grids). Each level owns a displacement field on disk,
 ``field-k.zarr`` ``(2, H_k, W_k)`` in level-0 pixels (the transform convention), so that
 ``T_k(x) = A (x + u_k(x))``. For level ``k`` the scheduler walks the target grid in blocks of
 ``block`` pixels (the dask ``map_overlap`` model: block + halo, compute, trim):
 
-1. read the target block plus a halo of ``extra`` pixels (:func:`wsireg.warp.warp_block` through
+1. read the target block plus a halo of ``extra`` pixels (:func:`wsireg.engine.warp.warp_block` through
    the identity: area-averaged from the closest slide level) and the source through the coarser
    level's transform ``T_{k-1}`` (the same block function as the final warp: source pixels are
    interpolated once; ``u_{k-1}`` is upsampled chunk by chunk by the transform);
 2. skip it when neither image has tissue there; else run the level's network
-   (:func:`wsireg.algorithm.register_level`: unfold P/S, G-sized groups, centres, fold, compose
-   M times) and, with ``refine`` steps, instance optimisation (:mod:`wsireg.refine`), giving
+   (:func:`wsireg.model.inference.register_level`: unfold P/S, G-sized groups, centres, fold, compose
+   M times) and, with ``refine`` steps, instance optimisation (:mod:`wsireg.model.refine`), giving
    ``v`` in pixels of the level;
 3. compose ``u_k(x) = d_k v(x) + u_{k-1}(x + d_k v(x))`` (level-0 units), trim the halo and
    write the block's field chunks.
@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import tiling
-from .algorithm import DEFAULTS, PatchCounts, has_tissue, network_input, register_level
-from .coords import to_level0
-from .refine import RefineSettings, refine_field
-from .transform import SlideRef, Stage, Transform, create_field
-from .warp import warp_block
+from wsireg.core import tiling
+from wsireg.core.coords import to_level0
+from wsireg.engine.transform import SlideRef, Stage, Transform, create_field
+from wsireg.engine.warp import warp_block
+from wsireg.model.inference import DEFAULTS, PatchCounts, has_tissue, network_input, register_level
+from wsireg.model.refine import RefineSettings, refine_field
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def estimate_field(
 ) -> tuple[Transform, list[LevelReport]]:
     """Algorithm 1 (inference) out of core: the transform ``A (x + u(x))`` of ``source`` onto
     ``target`` with ``u`` estimated down to ``finest_downsample`` (level-0 target pixels per
-    field pixel). ``model``: a :class:`wsireg.network.MultiLevelModel` or ``None`` (pure
+    field pixel). ``model``: a :class:`wsireg.model.network.MultiLevelModel` or ``None`` (pure
     instance optimisation; needs ``settings.refine.steps > 0`` to move anything).
     ``on_block(done, total)`` reports progress. Fields are written under ``workdir``.
     """

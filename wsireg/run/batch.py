@@ -1,6 +1,6 @@
 """``wsireg batch``: register every pair of an ANHIR pair table, in parallel, resumably.
 
-``batch(pairs_csv, out)`` reads the pair table (:func:`wsireg.evaluation.read_pairs`: columns
+``batch(pairs_csv, out)`` reads the pair table (:func:`wsireg.run.evaluate.read_pairs`: columns
 ``Source image``, ``Target image``, optional ``Source landmarks``/``Target landmarks``, other
 columns kept as metadata, paths relative to the CSV) and writes::
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError, WsiregError
-from .evaluation import (
+from wsireg.errors import OutputExistsError, WsiregError
+from wsireg.run.evaluate import (
     METRICS,
     Pair,
     alignment_matrix,
@@ -62,7 +62,7 @@ Row = dict[str, Any]
 class PairTask:
     """Everything one pair needs, as plain values (pickled to dask workers).
 
-    ``options`` are :func:`wsireg.pipeline.register` keyword arguments; ``threads`` caps
+    ``options`` are :func:`wsireg.run.register.register` keyword arguments; ``threads`` caps
     torch's and the warp's threads of the task; ``quiet`` silences its progress bars.
     """
 
@@ -78,9 +78,9 @@ class PairTask:
 def run_pair(task: PairTask) -> Row:
     """Register one pair and measure it; returns its summary row and never raises for a
     failing pair (status ``failed`` and the one-line error instead)."""
-    from .output import partial_path
-    from .pipeline import register
-    from .progress import is_quiet, set_quiet
+    from wsireg.io.output import partial_path
+    from wsireg.progress import is_quiet, set_quiet
+    from wsireg.run.register import register
 
     reset_peak_rss()
     start = time.perf_counter()
@@ -168,7 +168,7 @@ def reset_peak_rss() -> None:
 
 
 def _peak_rss() -> float:
-    from .resources import peak_rss_mib
+    from wsireg.engine.parallel import peak_rss_mib
 
     return peak_rss_mib()
 
@@ -324,10 +324,10 @@ def batch(
     ``threads``: threads per pair (default: the CPUs shared out over the local workers, or
     torch's default). ``resources``: worker resources each pair claims, e.g. ``{"GPU": 1}``.
     ``resume`` skips complete pairs and continues interrupted ones; ``overwrite`` replaces
-    existing pair outputs. Other keyword arguments go to :func:`wsireg.pipeline.register`.
+    existing pair outputs. Other keyword arguments go to :func:`wsireg.run.register.register`.
     Returns the document written to ``summary.json``.
     """
-    from .progress import is_quiet, progress
+    from wsireg.progress import is_quiet, progress
 
     if scheduler is not None and workers:
         raise ValueError("give either a scheduler address or a number of workers, not both")
@@ -405,7 +405,7 @@ def summary_document(
 
 def write_summaries(out: Path, document: dict[str, Any]) -> None:
     """``summary.json`` and ``summary.csv`` in ``out``, each staged and replaced atomically."""
-    from .output import staged_output
+    from wsireg.io.output import staged_output
 
     write_json(out / SUMMARY_JSON, document, overwrite=True)
     with staged_output(out / SUMMARY_CSV, overwrite=True) as stage:

@@ -1,0 +1,200 @@
+"""Synthetic slides and registration pairs: lazy dask arrays and files, rendered from
+:mod:`wsireg.synthetic.texture` through :mod:`wsireg.synthetic.deformation` maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from PIL import Image
+
+from wsireg.errors import OutputExistsError
+from wsireg.io.ngff import write_ome_tiff
+from wsireg.synthetic.deformation import PointMap, SmoothDeformation
+from wsireg.synthetic.texture import Stain, get_stain, get_texture
+
+# --------------------------------------------------------------------------------------------
+# Lazy slides, pairs, files
+# --------------------------------------------------------------------------------------------
+
+
+def _render_chunk(
+    block_info=None, *, texture: tuple, stain: Stain, deformation: PointMap | None
+) -> np.ndarray:
+    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+    tex = get_texture(*texture)
+    return tex.render(y0, x0, y1 - y0, x1 - x0, stain, deformation)
+
+
+def synthetic_slide(
+    shape: tuple[int, int],
+    seed: int = 0,
+    stain: str | Stain = "he",
+    deformation: PointMap | None = None,
+    chunk: int = 1024,
+    *,
+    extent: tuple[int, int] | None = None,
+    texture_downsample: float = 1.0,
+) -> da.Array:
+    """A lazy synthetic slide: dask array ``(H, W, 3)`` uint8 RGB of level-0 ``shape``.
+
+    Each chunk evaluates the texture of ``seed`` (tissue laid out in ``extent``, default
+    ``shape``) at its pixel positions ``x`` -- or at ``deformation(x)`` when given, so the image
+    is the texture sampled through a known map. ``deformation`` maps points ``(N, 2)`` to points
+    ``(N, 2)`` and must be smooth: it is evaluated on nodes every ``render_step`` pixels
+    (attribute, default 8) and interpolated bilinearly. Pixels do not depend on ``chunk``
+    (multiples of 512 are fastest).
+    """
+    h, w = int(shape[0]), int(shape[1])
+    ext = (h, w) if extent is None else (int(extent[0]), int(extent[1]))
+    key = (int(seed), ext, float(texture_downsample))
+    st = get_stain(stain)
+    chunks = (_split(h, chunk), _split(w, chunk), (3,))
+    name = "synthetic-slide-" + tokenize(key, st, deformation, h, w, chunk)
+    return da.map_blocks(
+        _render_chunk,
+        dtype=np.uint8,
+        chunks=chunks,
+        meta=np.empty((0, 0, 0), np.uint8),
+        name=name,
+        texture=key,
+        stain=st,
+        deformation=deformation,
+    )
+
+
+def _split(n: int, chunk: int) -> tuple[int, ...]:
+    return tuple(min(chunk, n - i) for i in range(0, n, chunk)) or (0,)
+
+
+def synthetic_pair(
+    shape: tuple[int, int],
+    seed: int = 0,
+    *,
+    max_displacement: float | None = None,
+    scale: float | None = None,
+    rotation: float = 0.0,
+    translation: tuple[float, float] = (0.0, 0.0),
+    zoom: float = 1.0,
+    shear: float = 0.0,
+    flip: bool = False,
+    source_stain: str | Stain = "he",
+    target_stain: str | Stain = "ihc",
+    stain_jitter: float = 0.05,
+    chunk: int = 1024,
+    texture_downsample: float = 1.0,
+) -> tuple[da.Array, da.Array, SmoothDeformation]:
+    """A registration problem with exact ground truth: ``(source, target, truth)``.
+
+    ``source`` and ``target`` are lazy ``(H, W, 3)`` uint8 slides (see :func:`synthetic_slide`)
+    of the same tissue in two (jittered) stains. ``source`` is the texture itself and
+    ``target(x)`` is the texture at ``truth(x)``, so ``truth`` -- a :class:`SmoothDeformation`
+    mapping target level-0 points to source level-0 points -- is exactly the ``T: target ->
+    source`` a registration must recover: ``source(truth(x)) ~ target(x)``. ``max_displacement``
+    (default 2% of ``min(H, W)``) and ``scale`` shape the nonrigid part; ``rotation`` (degrees),
+    ``translation``, ``zoom``, ``shear`` and ``flip`` the affine (see
+    :meth:`SmoothDeformation.random`).
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if max_displacement is None:
+        max_displacement = 0.02 * min(h, w)
+    truth = SmoothDeformation.random(
+        (h, w),
+        max_displacement,
+        scale,
+        rotation=rotation,
+        translation=translation,
+        zoom=zoom,
+        shear=shear,
+        flip=flip,
+        seed=seed,
+    )
+    src_stain = get_stain(source_stain).jitter(2 * seed + 1, stain_jitter)
+    tgt_stain = get_stain(target_stain).jitter(2 * seed + 2, stain_jitter)
+    common = dict(chunk=chunk, extent=(h, w), texture_downsample=texture_downsample)
+    source = synthetic_slide((h, w), seed, src_stain, None, **common)
+    target = synthetic_slide((h, w), seed, tgt_stain, truth, **common)
+    return source, target, truth
+
+
+def pair_landmarks(
+    shape: tuple[int, int],
+    seed: int,
+    truth: PointMap,
+    n: int = 100,
+    *,
+    texture_downsample: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` landmark pairs of a :func:`synthetic_pair` of the same ``shape`` and ``seed``:
+    target points ``(n, 2)`` on tissue (at integer pixel centres) and their exact source points
+    ``truth(target)`` ``(n, 2)``, level-0 ``(x, y)``."""
+    h, w = int(shape[0]), int(shape[1])
+    tex = get_texture(seed, (h, w), texture_downsample)
+    rng = np.random.default_rng([int(seed), 0x1A4D])
+    found = np.empty((0, 2))
+    for _ in range(50):
+        cand = np.stack([rng.integers(0, w, 4 * n), rng.integers(0, h, 4 * n)], -1).astype(float)
+        src = truth(cand)
+        keep = tex.structure_at(src)[:, 3] > 0.8
+        found = np.concatenate([found, cand[keep]])
+        if len(found) >= n:
+            break
+    target = found[:n]
+    return target, truth(target)
+
+
+def write_synthetic_slide(
+    path: str | Path,
+    shape: tuple[int, int],
+    seed: int = 0,
+    stain: str | Stain = "he",
+    deformation: PointMap | None = None,
+    mpp: float = 0.5,
+    tile: int = 512,
+    compression: str = "jpeg",
+    overwrite: bool = False,
+    *,
+    texture_downsample: float = 1.0,
+    extent: tuple[int, int] | None = None,
+) -> Path:
+    """Write a synthetic slide (see :func:`synthetic_slide`) as a pyramidal tiled OME-TIFF of
+    ``mpp`` um per level-0 pixel, in bounded memory, via :func:`wsireg.io.ngff.write_ome_tiff`."""
+    image = synthetic_slide(
+        shape,
+        seed,
+        stain,
+        deformation,
+        chunk=max(1024, tile),
+        extent=extent,
+        texture_downsample=texture_downsample,
+    )
+    return write_ome_tiff(
+        image, path, mpp=(mpp, mpp), tile=tile, compression=compression, overwrite=overwrite
+    )
+
+
+def write_synthetic_png(
+    path: str | Path,
+    shape: tuple[int, int],
+    seed: int = 0,
+    stain: str | Stain = "he",
+    deformation: PointMap | None = None,
+    overwrite: bool = False,
+    *,
+    texture_downsample: float = 1.0,
+    extent: tuple[int, int] | None = None,
+) -> Path:
+    """Write a small synthetic image (PNG, JPEG, ... by suffix) of ``shape`` ``(H, W)``, e.g. an
+    ANHIR-style pair member; ``texture_downsample`` > 1 makes it look like a downsampled slide."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    h, w = int(shape[0]), int(shape[1])
+    if h * w > 400_000_000:
+        raise ValueError(f"{h}x{w} is too large for a single image; use write_synthetic_slide")
+    tex = get_texture(seed, extent or (h, w), texture_downsample)
+    Image.fromarray(tex.render(0, 0, h, w, stain, deformation)).save(path)
+    return path
+
