@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg.core import field
+from wsireg.core import field, stain
 from wsireg.model.inference import inference_settings, register_pyramid
 from wsireg.model.network import MultiLevelModel, default_weights_path
 from wsireg.model.train import (
@@ -82,11 +82,6 @@ def _tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None]
 
 
-def _od_sum(rgb: torch.Tensor) -> torch.Tensor:
-    """``(1, 3, H, W)`` uint8/float RGB -> ``(1, H, W)`` summed optical density."""
-    return -torch.log((rgb.float() + 1.0) / 256.0).sum(dim=1)
-
-
 class EvalPair:
     """moving, fixed ``(1, 3, H, W)`` uint8; truth ``(1, 2, H, W)`` px; tissue ``(1, H, W)``."""
 
@@ -95,7 +90,7 @@ class EvalPair:
     ) -> None:
         self.name, self.moving, self.fixed, self.truth = name, moving, fixed, truth
         warped = field.warp_image(moving.float(), truth, padding=255.0)
-        self.tissue = _od_sum(warped) > 0.25
+        self.tissue = stain.od_norm(stain.optical_density(warped), axis=1) > stain.TISSUE_OD
 
 
 def synthetic_pairs(n: int, size: int, max_disp: float) -> list[EvalPair]:

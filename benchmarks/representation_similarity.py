@@ -3,7 +3,7 @@
 For each pair of ``anhir-5pc/pairs.csv`` the source is resampled onto the target through the
 affine fitted to the landmarks by least squares (so the remaining misalignment is the pair's
 true non-affine part plus landmark noise, a few px at most). Both images are converted to each
-representation of :data:`wsireg.core.losses.REPRESENTATIONS` and averaged down by 4, 2 and 1. On a
+representation of :data:`wsireg.core.stain.REPRESENTATIONS` and averaged down by 4, 2 and 1. On a
 grid of tissue patches (64 px, stride 32) the patch NCC is searched exhaustively over integer
 shifts of up to +-8 px; a representation in which the two stains correspond gives its best NCC
 near zero shift. Prints per pair, factor and representation the mean and median distance of
@@ -33,10 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsireg.core import field, losses
-from wsireg.core.stain import dye_basis
+from wsireg.core import field, losses, stain
+from wsireg.core.stain import TISSUE_LEVEL, dye_basis
 from wsireg.io.annotations import read_landmarks
-from wsireg.model.inference import TISSUE_LEVEL
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATCH, STEP, SEARCH = 64, 32, 8
@@ -85,7 +84,7 @@ def best_shifts(moving: torch.Tensor, fixed: torch.Tensor, tissue: torch.Tensor)
 
 def macenko_haematoxylin(rgb: torch.Tensor) -> np.ndarray:
     """Unit haematoxylin OD vector (R, G, B) of ``(1, 3, H, W)`` RGB (module docstring)."""
-    od = losses.optical_density(rgb)[0].reshape(3, -1).T.double().numpy()
+    od = stain.optical_density(rgb.float())[0].reshape(3, -1).T.double().numpy()
     od = od[np.linalg.norm(od, axis=1) > 0.15]
     plane = np.linalg.svd(od, full_matrices=False)[2][:2]
     plane[0] *= np.sign(plane[0].sum())
@@ -100,14 +99,14 @@ def stain_rows(images: dict[str, torch.Tensor]) -> None:
     ref = dye_basis()[0]
     for name, rgb in images.items():
         est = macenko_haematoxylin(rgb)
-        od = losses.od_magnitude(rgb)
+        od = stain.od_magnitude(rgb)
         tissue = od > TISSUE_LEVEL
         row = {
             "benchmark": "representation_similarity",
             "image": name,
             "haematoxylin_vector": [round(float(v), 3) for v in est],
             "angle_to_ruifrok_deg": round(float(np.degrees(np.arccos(min(1.0, est @ ref)))), 1),
-            "mean_haematoxylin_in_tissue": round(float(losses.haematoxylin(rgb)[tissue].mean()), 3),
+            "mean_haematoxylin_in_tissue": round(float(stain.haematoxylin(rgb)[tissue].mean()), 3),
             "mean_od_in_tissue": round(float(od[tissue].mean()), 3),
         }
         print(json.dumps(row), flush=True)
@@ -132,10 +131,10 @@ def main() -> None:
         matrix = fitted_affine(lm_s[:n], lm_t[:n])
         moving = resample(source, matrix, tuple(target.shape[-2:]))
         inputs = {
-            rep: (losses.to_network_input(moving, rep), losses.to_network_input(target, rep))
-            for rep in losses.REPRESENTATIONS
+            rep: (stain.network_input(moving, rep), stain.network_input(target, rep))
+            for rep in stain.REPRESENTATIONS
         }
-        target_od = losses.od_magnitude(target)
+        target_od = stain.od_magnitude(target)
         for factor in (4, 2, 1):
             tissue = F.avg_pool2d(target_od, factor) > TISSUE_LEVEL
             for rep, (moving_in, target_in) in inputs.items():

@@ -8,13 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from wsireg.core import field, tiling
+from wsireg.core.stain import has_tissue, network_input
 from wsireg.model.inference import (
     GroupTrainer,
     PatchCounts,
     build_pyramid,
-    has_tissue,
     inference_settings,
-    network_input,
     pad_to_multiple,
     register_level,
     register_pyramid,

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsireg.engine.align import align, decompose_affine, tissue_mask
+from wsireg.core.stain import tissue_mask
+from wsireg.engine.align import align, decompose_affine
 from wsireg.errors import InputError, WsiregError
 
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsireg.core import blocks as bl
 from wsireg.core import tiling as tl
 
 
@@ -68,19 +69,28 @@ def test_groups() -> None:
 
 def test_axis_window_values() -> None:
     # P = 32, S = 16, m = 8; axis of 150 px, block [48, 96), extra 10 -> 16
-    w = tl.axis_window(48, 96, 150, 32, 16, extra=10)
+    w = bl.axis_window(48, 96, 150, 32, 16, extra=10)
     assert (w.centre_start, w.centre_stop) == (32, 112)
-    assert (w.read_start, w.read_stop, w.pad_before, w.pad_after) == (24, 120, 0, 0)
     assert w.trim == slice(16, 64)
-    first = tl.axis_window(0, 48, 150, 32, 16)
-    assert (first.read_start, first.pad_before, first.read_stop) == (0, 8, 56)
-    last = tl.axis_window(144, 150, 150, 32, 16, extra=5)
+    first = bl.axis_window(0, 48, 150, 32, 16)
+    assert (first.centre_start, first.centre_stop) == (0, 48)
+    last = bl.axis_window(144, 150, 150, 32, 16, extra=5)
     assert (last.centre_start, last.centre_stop) == (128, 160)
-    assert (last.read_stop, last.pad_after) == (150, 18)
-    assert tl.halo(32, 16, 10) == 24 and tl.halo(256, 128) == 64
-    assert tl.block_starts(100, 48, 16) == [(0, 48), (48, 96), (96, 100)]
+    assert bl.halo(32, 16, 10) == 24 and bl.halo(256, 128) == 64
     with pytest.raises(ValueError):
-        tl.block_starts(100, 40, 16)
+        bl.axis_window(40, 96, 150, 32, 16)  # not on the stride
+
+
+def test_blocks_cover_a_grid_once() -> None:
+    tiles = list(bl.blocks((100, 70), 48))
+    assert tiles[0] == (0, 0, 48, 48) and tiles[-1] == (96, 48, 4, 22)
+    assert len(tiles) == bl.count_blocks((100, 70), 48) == 6
+    cover = torch.zeros(100, 70, dtype=torch.int32)
+    for y0, x0, h, w in tiles:
+        cover[y0 : y0 + h, x0 : x0 + w] += 1
+    assert torch.all(cover == 1)
+    with pytest.raises(ValueError):
+        list(bl.blocks((10, 10), 0))
 
 
 def _patch_fn(patches: torch.Tensor) -> torch.Tensor:
@@ -94,22 +104,24 @@ def _patch_fn(patches: torch.Tensor) -> torch.Tensor:
     return F.conv2d(patches, ones, padding=3, groups=c) - patches.sum(dim=(2, 3), keepdim=True)
 
 
-@pytest.mark.parametrize("extra", [0, 10])
+@pytest.mark.parametrize("extra", [0, 8, 20])
 def test_blockwise_equals_whole_image(extra: int) -> None:
+    """The scheduler's path: each block reads its centre span (background beyond the image),
+    unfolds it like a whole image and keeps its trimmed centres. With a halo of at least the
+    patch margin (``extra >= m = 8``) every kept patch saw the same context as in a
+    whole-image unfold; without one the patches at block edges see background instead."""
     torch.manual_seed(0)
     h, w, p, s, block = 150, 170, 32, 16, 48
-    image = torch.randint(0, 10, (1, 2, h, w)).float()
-    patches, g = tl.unfold(image, p, s)
+    image = torch.randint(1, 10, (1, 2, h, w)).float()
+    patches, g = tl.unfold(image, p, s, "constant", 0.0)
     whole = tl.fold_centres(_patch_fn(patches), g)
 
     out = torch.full_like(whole, float("nan"))
-    for r0, r1 in tl.block_starts(h, block, s):
-        for c0, c1 in tl.block_starts(w, block, s):
-            rows = tl.axis_window(r0, r1, h, p, s, extra)
-            cols = tl.axis_window(c0, c1, w, p, s, extra)
-            read = image[..., rows.read_start : rows.read_stop, cols.read_start : cols.read_stop]
-            bg = tl.block_geometry(rows, cols, p, s)
-            block_patches = tl.extract_patches(tl.pad_for_tiling(read, bg), p, s)
-            folded = tl.fold_centres(_patch_fn(block_patches), bg)
-            out[..., r0:r1, c0:c1] = folded[..., rows.trim, cols.trim]
-    assert torch.equal(out, whole)
+    for r0, c0, bh, bw in bl.blocks((h, w), block):
+        rows = bl.axis_window(r0, r0 + bh, h, p, s, extra)
+        cols = bl.axis_window(c0, c0 + bw, w, p, s, extra)
+        span = image[..., rows.centre_start : rows.centre_stop, cols.centre_start : cols.centre_stop]
+        block_patches, bg = tl.unfold(span, p, s, "constant", 0.0)
+        folded = tl.fold_centres(_patch_fn(block_patches), bg)
+        out[..., r0 : r0 + bh, c0 : c0 + bw] = folded[..., rows.trim, cols.trim]
+    assert torch.equal(out, whole) == (extra >= bl.margin(p, s))

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from wsireg.core import field, losses
+from wsireg.core.stain import network_input
 from wsireg.errors import WsiregError
-from wsireg.model.inference import network_input, register_pyramid
+from wsireg.model.inference import register_pyramid
 from wsireg.model.network import MultiLevelModel
 from wsireg.model.train import (
     Crop,

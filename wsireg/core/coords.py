@@ -24,6 +24,10 @@ Transforms
     x-displacement and channel 1 the y-displacement, both in **level-0 pixels** (so the numbers
     do not depend on ``d``). Field tensors in torch are ``(N, 2, H, W)`` with the same channel
     order, in pixels of the grid they live on (multiply by ``d`` to store).
+
+Physical units
+    Pixel sizes are micrometres per level-0 pixel (``mpp``), ``(x, y)``; :func:`micrometres_per`
+    converts the length units of OME-XML and OME-NGFF.
 """
 
 from __future__ import annotations
@@ -46,3 +50,27 @@ def grid_to_level0_affine(downsample: float) -> np.ndarray:
     d = float(downsample)
     off = 0.5 * d - 0.5
     return np.array([[d, 0.0, off], [0.0, d, off], [0.0, 0.0, 1.0]])
+
+
+_MICROMETRES = {
+    "angstrom": 1e-4,
+    "å": 1e-4,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "micrometer": 1.0,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+}
+
+
+def micrometres_per(unit: str) -> float | None:
+    """Micrometres in one ``unit`` (OME-XML symbols such as ``"µm"`` or OME-NGFF names such as
+    ``"micrometer"``, any case); ``None`` for an unknown unit."""
+    return _MICROMETRES.get(unit.strip().lower())

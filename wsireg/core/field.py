@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +34,14 @@ from torch import Tensor
 Padding = str | float | Sequence[float]
 
 __all__ = [
-    "Inverse",
     "compose",
     "identity_grid",
-    "invert",
     "jacobian_determinant",
     "rescale_field",
     "resize_field",
     "sample",
-    "sample_field",
     "smooth_field",
     "to_grid_sample",
-    "upsample_field",
     "warp_image",
 ]
 
@@ -172,47 +167,6 @@ def resize_field(u: Tensor, size: tuple[int, int]) -> Tensor:
     return rescale_field(resized, (new_w / w, new_h / h))
 
 
-def upsample_field(u: Tensor, factor: int = 2) -> Tensor:
-    """:func:`resize_field` to ``factor`` times the size (next finer pyramid level)."""
-    h, w = u.shape[-2:]
-    return resize_field(u, (h * factor, w * factor))
-
-
-class Inverse(NamedTuple):
-    """Result of :func:`invert`."""
-
-    field: Tensor
-    """``w`` with ``T_u o T_w ~= id``, same shape as ``u``."""
-    residual: float
-    """``max_x |w(x) + u(x + w(x))|`` in pixels (Euclidean norm)."""
-    iterations: int
-    """Fixed-point iterations done."""
-
-
-def invert(u: Tensor, iterations: int = 20, tol: float = 1e-3) -> Inverse:
-    """Invert ``T_u`` by fixed-point iteration.
-
-    Solves ``x + w(x) + u(x + w(x)) = x`` via ``w_0 = -u``, ``w_{k+1}(x) = -u(x + w_k(x))``
-    (converges when ``|grad u| < 1``, i.e. for smooth, non-folding fields). Stops when the
-    residual ``r = compose(u, w)`` has max norm ``<= tol`` pixels or after ``iterations``.
-    Near the border ``u`` is replicated, so the inverse is the inverse of that extension.
-    """
-    w = -u
-    done = 0
-    residual = _max_norm(compose(u, w))
-    while residual > tol and done < iterations:
-        w = w - compose(u, w)
-        done += 1
-        residual = _max_norm(compose(u, w))
-    return Inverse(w, residual, done)
-
-
-def _max_norm(u: Tensor) -> float:
-    if u.numel() == 0:
-        return 0.0
-    return float(torch.linalg.vector_norm(u, dim=1).max())
-
-
 def jacobian_determinant(u: Tensor) -> Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)``: ``(N, H, W)``.
 
@@ -223,25 +177,6 @@ def jacobian_determinant(u: Tensor) -> Tensor:
     dux_dy, dux_dx = torch.gradient(u[:, 0], dim=(-2, -1))
     duy_dy, duy_dx = torch.gradient(u[:, 1], dim=(-2, -1))
     return (1.0 + dux_dx) * (1.0 + duy_dy) - dux_dy * duy_dx
-
-
-def sample_field(u: Tensor, points: Tensor) -> Tensor:
-    """Bilinear value of ``u`` at (x, y) ``points`` in pixels of ``u``'s grid.
-
-    Args:
-        u: ``(N, 2, H, W)``.
-        points: ``(K, 2)`` (then ``N`` must be 1) or ``(N, K, 2)``.
-
-    Returns:
-        ``(K, 2)`` or ``(N, K, 2)`` displacements (x, y); beyond the border the edge is
-        replicated.
-    """
-    batched = points.dim() == 3
-    pts = points if batched else points.unsqueeze(0)
-    positions = pts.to(u.dtype).permute(0, 2, 1).unsqueeze(-1)  # (N, 2, K, 1)
-    values = sample(u, positions, mode="bilinear", padding="border")  # (N, 2, K, 1)
-    values = values.squeeze(-1).permute(0, 2, 1)
-    return values if batched else values.squeeze(0)
 
 
 def smooth_field(u: Tensor, sigma: float) -> Tensor:

@@ -15,11 +15,7 @@ near a patch edge may point outside the patch. With margin ``m = (P - S) / 2``:
 Axes follow :mod:`wsireg.core.coords`; patches are ordered batch-major, then row-major over the patch
 grid: ``index = (n * rows + i) * cols + j``.
 
-The out-of-core scheduler processes blocks of the target grid (dask ``map_overlap`` model). A
-block is read with a halo so that each of its patches sees the same context as in a whole-image
-unfold; :func:`axis_window` gives, per axis, what to read, how to pad it, and how to trim the
-result. With blocks whose origins are multiples of ``S``, block-wise and whole-image results are
-identical (tested).
+The out-of-core scheduler unfolds blocks read with a halo (:mod:`wsireg.core.blocks`).
 """
 
 from __future__ import annotations
@@ -30,16 +26,13 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsireg.core.blocks import ceil_div, margin
+
 __all__ = [
-    "AxisWindow",
     "TileGeometry",
-    "axis_window",
-    "block_geometry",
-    "block_starts",
     "extract_patches",
     "fold_centres",
     "groups",
-    "halo",
     "margin",
     "num_groups",
     "pad_for_tiling",
@@ -75,24 +68,11 @@ class TileGeometry(NamedTuple):
         return self.batch * self.grid[0] * self.grid[1]
 
 
-def margin(patch: int, stride: int) -> int:
-    """``(P - S) / 2``; requires ``0 < S <= P`` and ``P - S`` even."""
-    if not 0 < stride <= patch or (patch - stride) % 2:
-        raise ValueError(
-            f"need 0 < stride <= patch and patch - stride even, got {patch=} {stride=}"
-        )
-    return (patch - stride) // 2
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def tile_geometry(size: tuple[int, int], patch: int, stride: int, batch: int = 1) -> TileGeometry:
     """Geometry of a whole-image unfold of an image of ``size = (H, W)``."""
     h, w = size
     m = margin(patch, stride)
-    rows, cols = _ceil_div(h, stride), _ceil_div(w, stride)
+    rows, cols = ceil_div(h, stride), ceil_div(w, stride)
     pad = (m, m + cols * stride - w, m, m + rows * stride - h)
     return TileGeometry(patch, stride, (rows, cols), (h, w), pad, batch)
 
@@ -160,103 +140,10 @@ def num_groups(n: int, group_size: int) -> int:
     """Number of ``G``-sized groups needed for ``n`` patches."""
     if group_size < 1:
         raise ValueError(f"group size must be >= 1, got {group_size}")
-    return _ceil_div(n, group_size)
+    return ceil_div(n, group_size)
 
 
 def groups(n: int, group_size: int) -> Iterator[slice]:
     """Consecutive slices ``[k G, min((k + 1) G, n))`` of patch indices (the last may be short)."""
     for k in range(num_groups(n, group_size)):
         yield slice(k * group_size, min((k + 1) * group_size, n))
-
-
-# --- block geometry for the out-of-core scheduler (pure functions of integers) -------------------
-
-
-def halo(patch: int, stride: int, extra: int = 0) -> int:
-    """Halo read around a block: ``(P - S) / 2`` plus ``extra`` rounded up to a multiple of ``S``.
-
-    Rounding keeps every block's patch grid on the global one, so block-wise results equal the
-    whole-image result; ``extra`` adds whole rings of patches around the block (e.g. context
-    for smoothing or composing across block edges before trimming).
-    """
-    return margin(patch, stride) + _ceil_div(extra, stride) * stride
-
-
-def block_starts(size: int, block: int, stride: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` chunks of one axis of length ``size``; ``block % S == 0``."""
-    if block <= 0 or block % stride:
-        raise ValueError(f"block {block} must be a positive multiple of the stride {stride}")
-    return [(s, min(s + block, size)) for s in range(0, size, block)]
-
-
-class AxisWindow(NamedTuple):
-    """One axis of a block and its halo (all in pixels of the level; half-open ranges)."""
-
-    start: int
-    """Block start on the target grid (a multiple of ``S``)."""
-    stop: int
-    """Block stop (a multiple of ``S`` or the axis size)."""
-    centre_start: int
-    """Start of the union of the kept patch centres (``start - extra``, clipped at 0)."""
-    centre_stop: int
-    """Stop of the union of the kept centres (a multiple of ``S``)."""
-    read_start: int
-    """First pixel to read from the image (``centre_start - m``, clipped at 0)."""
-    read_stop: int
-    """Stop of the read (``centre_stop + m``, clipped at the axis size)."""
-    pad_before: int
-    """Pixels to pad before the read (outside the image)."""
-    pad_after: int
-    """Pixels to pad after the read."""
-
-    @property
-    def trim(self) -> slice:
-        """Slice of the folded block result (starting at ``centre_start``) to keep."""
-        return slice(self.start - self.centre_start, self.stop - self.centre_start)
-
-
-def axis_window(
-    start: int, stop: int, size: int, patch: int, stride: int, extra: int = 0
-) -> AxisWindow:
-    """Read/pad/trim geometry along one axis for the block ``[start, stop)`` of an axis ``size``.
-
-    ``start`` must be a multiple of ``S``. The kept centres span
-    ``[max(start - e, 0), min(ceil(stop / S) S + e, ceil(size / S) S))`` with ``e`` the
-    ``extra`` rounded up to a multiple of ``S``; the read adds ``m = (P - S) / 2`` on both sides,
-    clipped to the image, and the clipped part is padded (replicate, as in :func:`unfold`).
-    """
-    if start % stride or not 0 <= start < stop <= size:
-        raise ValueError(f"bad block [{start}, {stop}) of axis {size} with stride {stride}")
-    m = margin(patch, stride)
-    e = halo(patch, stride, extra) - m
-    centre_start = max(start - e, 0)
-    centre_stop = min(_ceil_div(stop, stride) * stride + e, _ceil_div(size, stride) * stride)
-    lo, hi = centre_start - m, centre_stop + m
-    read_start, read_stop = max(lo, 0), min(hi, size)
-    return AxisWindow(
-        start,
-        stop,
-        centre_start,
-        centre_stop,
-        read_start,
-        read_stop,
-        read_start - lo,
-        hi - read_stop,
-    )
-
-
-def block_geometry(
-    rows: AxisWindow, cols: AxisWindow, patch: int, stride: int, batch: int = 1
-) -> TileGeometry:
-    """Tile geometry of a block read ``image[..., rows.read_start:rows.read_stop,
-    cols.read_start:cols.read_stop]``.
-
-    Use it exactly like the whole-image case: ``pad_for_tiling(read, g)`` then
-    ``extract_patches(padded, P, S)``; after prediction ``fold_centres(fields, g)`` gives the
-    centre span, and ``[..., rows.trim, cols.trim]`` the block.
-    """
-    n_rows = (rows.centre_stop - rows.centre_start) // stride
-    n_cols = (cols.centre_stop - cols.centre_start) // stride
-    size = (rows.centre_stop - rows.centre_start, cols.centre_stop - cols.centre_start)
-    pad = (cols.pad_before, cols.pad_after, rows.pad_before, rows.pad_after)
-    return TileGeometry(patch, stride, (n_rows, n_cols), size, pad, batch)

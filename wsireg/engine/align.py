@@ -49,16 +49,15 @@ import torch
 import torch.nn.functional as F
 
 from wsireg.core.coords import grid_to_level0_affine
-from wsireg.errors import InputError
+from wsireg.core.losses import box_mean_replicate, local_ncc
+from wsireg.core.stain import background_rgb, check_rgb, relative_od_magnitude, tissue_mask
 
 __all__ = [
     "AlignConfig",
     "AlignResult",
     "align",
     "decompose_affine",
-    "optical_density",
     "stain_representation",
-    "tissue_mask",
 ]
 
 
@@ -123,110 +122,6 @@ class AlignResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _background_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Background colour (float RGB): the median of the brightest 2 % pixels, at least 200."""
-    flat = rgb.reshape(-1, 3).astype(np.float32)
-    brightness = flat.sum(axis=1)
-    cut = np.percentile(brightness, 98.0)
-    bright = flat[brightness >= cut]
-    return np.clip(np.median(bright, axis=0), 200.0, 255.0)
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel optical density ``-log10(I / I_background)`` (float32, >= 0), ``[y, x, 3]``."""
-    bg = _background_rgb(rgb)
-    ratio = np.maximum(rgb.astype(np.float32), 1.0) / bg
-    return np.clip(-np.log10(ratio), 0.0, None).astype(np.float32)
-
-
-def _od_magnitude(rgb: np.ndarray) -> np.ndarray:
-    """Stain-independent tissue signal: the Euclidean norm of the optical density (float32)."""
-    od = optical_density(rgb)
-    return np.sqrt((od * od).sum(axis=2))
-
-
-def _otsu(values: np.ndarray) -> float:
-    """Otsu threshold of a 1-D float array."""
-    hist, edges = np.histogram(values, bins=256)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * centres)
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between))])
-
-
-MIN_TISSUE_OD = 0.05  # optical density below which nothing is tissue (pale background noise)
-MIN_TISSUE_FRACTION = 0.001  # a mask smaller than this fraction of the image means no tissue
-MAX_TISSUE_THRESHOLD = 0.1  # optical density above which everything is tissue
-MASK_CLOSE_RADIUS = 0.01  # radius of the morphological closing, fraction of the image size
-
-
-def tissue_mask(rgb: np.ndarray, name: str = "image") -> np.ndarray:
-    """Boolean ``[y, x]`` mask of tissue in an RGB image ``[y, x, 3]`` uint8, white background.
-
-    The optical-density magnitude (relative to the estimated background colour) is smoothed and
-    thresholded by Otsu on its logarithm -- which separates background from pale and dense
-    tissue alike, where Otsu on the OD itself splits dense from pale stain -- never below
-    :data:`MIN_TISSUE_OD`; the result is closed and opened with a disk of diameter about 1 % of
-    the image size, its holes are filled and components smaller than 1 % of the largest one
-    are dropped. It only needs absorbance, so it works for any stain. Near-black pixels (every
-    channel < 20: scanner padding, no-data areas) are never tissue.
-
-    Raises :class:`~wsireg.errors.InputError` naming ``name`` when no tissue is found: nothing
-    absorbs more than :data:`MIN_TISSUE_OD`, or the mask covers less than
-    :data:`MIN_TISSUE_FRACTION` of the image.
-    """
-    _check_rgb(rgb, name)
-    h, w = rgb.shape[:2]
-    mag = _od_magnitude(rgb)
-    mag[rgb.max(axis=2) < 20] = 0.0
-    sigma = max(1.0, 0.002 * max(h, w))
-    mag = cv2.GaussianBlur(mag, (0, 0), sigma)
-    if float(mag.max()) < MIN_TISSUE_OD:
-        raise InputError(name, "no tissue found")
-    otsu = float(np.exp(_otsu(np.log(mag.ravel() + 0.01)))) - 0.01
-    threshold = min(max(otsu, MIN_TISSUE_OD), MAX_TISSUE_THRESHOLD)
-    mask = (mag > threshold).astype(np.uint8)
-    mask = _clean_mask(mask, max(1, round(MASK_CLOSE_RADIUS * max(h, w))))
-    if mask.sum() < MIN_TISSUE_FRACTION * h * w:
-        raise InputError(name, "no tissue found")
-    return mask.astype(bool)
-
-
-def _check_rgb(rgb: np.ndarray, name: str) -> None:
-    """Raise :class:`~wsireg.errors.InputError` unless ``rgb`` is a uint8 ``[y, x, 3]`` image."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 8:
-        raise InputError(
-            name, f"expected a uint8 RGB image [y, x, 3] of >= 8 px, got {rgb.dtype} {rgb.shape}"
-        )
-
-
-def _clean_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Close, open, fill holes and drop components < 1 % of the largest (uint8 0/1)."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
-        return mask
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.zeros(n, dtype=np.uint8)
-    keep[1:] = areas >= 0.01 * areas.max()
-    mask = keep[labels]
-    return _fill_holes(mask)
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of a 0/1 uint8 mask (background connected to the border stays)."""
-    padded = np.pad(mask, 1)
-    flood = padded.copy()
-    cv2.floodFill(flood, None, (0, 0), 2)
-    return (flood[1:-1, 1:-1] != 2).astype(np.uint8)
-
-
 def stain_representation(rgb: np.ndarray, mask: np.ndarray, kind: str = "od") -> np.ndarray:
     """Stain-robust float32 ``[y, x]`` image in [0, 1], 0 outside the tissue ``mask``.
 
@@ -245,9 +140,9 @@ def stain_representation(rgb: np.ndarray, mask: np.ndarray, kind: str = "od") ->
         raise ValueError(f"unknown representation {kind!r}")
     if kind == "grey":
         grey = rgb.astype(np.float32).mean(axis=2)
-        sig = np.clip(1.0 - grey / _background_rgb(rgb).mean(), 0.0, None)
+        sig = np.clip(1.0 - grey / background_rgb(rgb).mean(), 0.0, None)
     else:
-        sig = _od_magnitude(rgb)
+        sig = relative_od_magnitude(rgb)
     out = np.zeros(sig.shape, np.float32)
     vals = sig[mask]
     if vals.size == 0:
@@ -366,29 +261,13 @@ def _warp(source: torch.Tensor, theta: torch.Tensor, shape: tuple[int, int]) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def _box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over ``window`` x ``window`` boxes (odd), per channel, edges replicated.
-
-    Separable running sums (``cumsum``): much faster on CPU than a convolution, and exact
-    enough in float32 for the few-hundred-pixel images used here.
-    """
-    p = window // 2
-    x = F.pad(x, (p + 1, p, p + 1, p), mode="replicate")
-    c = x.cumsum(-1)
-    x = c[..., window:] - c[..., :-window]
-    c = x.cumsum(-2)
-    return (c[..., window:, :] - c[..., :-window, :]) / float(window * window)
-
-
 def _lncc(target: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
-    """Mean local NCC over ``window`` x ``window`` boxes, (N,)."""
+    """Mean local NCC of each warped image with the target over ``window`` boxes, ``(N,)``."""
     t = target.expand(warped.shape[0], -1, -1, -1)
-    stats = _box_filter(torch.cat([t, warped, t * t, warped * warped, t * warped], 1), window)
-    mt, mw, tt, ww, tw = stats.unbind(1)
-    var_t = (tt - mt * mt).clamp_min(0)
-    var_w = (ww - mw * mw).clamp_min(0)
-    eps = 1e-3
-    return ((tw - mt * mw) / torch.sqrt(var_t * var_w + eps * eps)).flatten(1).mean(1)
+    return local_ncc(t, warped, window, eps=_LNCC_EPS, box=box_mean_replicate)
+
+
+_LNCC_EPS = 1e-3 * 1e-3  # squared intensity units: flat windows (background) score about 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +296,7 @@ class Candidate:
 
 def _local_normalise(x: torch.Tensor, window: int) -> torch.Tensor:
     """``(x - local mean) / local std`` over ``window`` boxes; ~0 where ``x`` is flat."""
-    stats = _box_filter(torch.cat([x, x * x], 1), window)
+    stats = box_mean_replicate(torch.cat([x, x * x], 1), window)
     mean = stats[:, :1]
     var = (stats[:, 1:] - mean * mean).clamp_min(0)
     return (x - mean) / torch.sqrt(var + 1e-3)
@@ -752,7 +631,7 @@ _MASK_SIZE = 1024  # longest side at which tissue masks are computed inside alig
 def _find_tissue(rgb: np.ndarray, downsample: float, name: str, margin: float = 0.1) -> _Tissue:
     """Crop ``rgb`` (a level at ``downsample``) to its tissue's bounding box grown by ``margin``
     of its longest side. The mask is computed at <= ``_MASK_SIZE`` pixels."""
-    _check_rgb(rgb, name)
+    check_rgb(rgb, name)
     h, w = rgb.shape[:2]
     f = min(1.0, _MASK_SIZE / max(h, w))
     small = rgb

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsireg.core import tiling
+from wsireg.core.blocks import AxisWindow, axis_window, blocks, count_blocks
 from wsireg.core.coords import to_level0
+from wsireg.core.stain import has_tissue, network_input
 from wsireg.engine.transform import SlideRef, Stage, Transform, create_field
 from wsireg.engine.warp import warp_block
-from wsireg.model.inference import DEFAULTS, PatchCounts, has_tissue, network_input, register_level
+from wsireg.model.inference import DEFAULTS, PatchCounts, register_level
 from wsireg.model.refine import RefineSettings, refine_field
 
 
@@ -104,13 +105,6 @@ def grid_shape(ref: SlideRef, downsample: float) -> tuple[int, int]:
     return (math.ceil(ref.shape[0] / downsample), math.ceil(ref.shape[1] / downsample))
 
 
-def blocks(shape: tuple[int, int], block: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(y0, x0, h, w)`` of the blocks of a grid, row by row."""
-    for y0 in range(0, shape[0], block):
-        for x0 in range(0, shape[1], block):
-            yield y0, x0, min(block, shape[0] - y0), min(block, shape[1] - x0)
-
-
 def _networks(model: Any, levels: int) -> list[Any]:
     """The network of each pyramid level (coarsest first): the model's finest ``levels``;
     levels coarser than the model's coarsest network get none (``None``: instance
@@ -162,7 +156,7 @@ def estimate_field(
         if net is not None:
             net.to(device).eval()
     downsamples = level_downsamples(finest_downsample, cfg.levels)
-    total = sum(_count_blocks(grid_shape(target_ref, d), cfg.block) for d in downsamples)
+    total = sum(count_blocks(grid_shape(target_ref, d), cfg.block) for d in downsamples)
     done_blocks = 0
     previous = Stage(affine)
     reports = []
@@ -214,10 +208,6 @@ def estimate_field(
     return transform, reports
 
 
-def _count_blocks(shape: tuple[int, int], block: int) -> int:
-    return math.ceil(shape[0] / block) * math.ceil(shape[1] / block)
-
-
 def _read_done(path: Path) -> set[int]:
     try:
         return {int(line) for line in path.read_text().split()}
@@ -241,10 +231,10 @@ class _Level:
     source_ref: SlideRef
     target_ref: SlideRef
 
-    def window(self, y0: int, x0: int, h: int, w: int) -> tuple[tiling.AxisWindow, ...]:
+    def window(self, y0: int, x0: int, h: int, w: int) -> tuple[AxisWindow, ...]:
         cfg = self.cfg
-        rows = tiling.axis_window(y0, y0 + h, self.shape[0], cfg.patch, cfg.stride, cfg.extra)
-        cols = tiling.axis_window(x0, x0 + w, self.shape[1], cfg.patch, cfg.stride, cfg.extra)
+        rows = axis_window(y0, y0 + h, self.shape[0], cfg.patch, cfg.stride, cfg.extra)
+        cols = axis_window(x0, x0 + w, self.shape[1], cfg.patch, cfg.stride, cfg.extra)
         return rows, cols
 
     def read(self, y0: int, x0: int, h: int, w: int) -> _Reads:

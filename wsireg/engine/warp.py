@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from wsireg.core.blocks import blocks
 from wsireg.core.coords import grid_to_level0_affine
 from wsireg.engine.transform import Transform
 from wsireg.errors import TransformError
@@ -280,14 +280,6 @@ def _load_transform(path: str | None) -> Transform:
     return Transform.load(path)
 
 
-def chunk_grid(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(y0, x0, h, w)`` of the chunks of a grid, row by row."""
-    H, W = shape
-    for y0 in range(0, H, chunk):
-        for x0 in range(0, W, chunk):
-            yield y0, x0, min(chunk, H - y0), min(chunk, W - x0)
-
-
 def existing_chunks(array: Any) -> set[tuple[int, int]]:
     """Chunk indices ``(iy, ix)`` of a ``(C, H, W)`` zarr array (C in one chunk or per channel)
     whose every channel is on disk."""
@@ -386,7 +378,7 @@ def warp(
         group = zarr.open_group(str(stage), mode="r+")
     level0 = group["0"]
     done = existing_chunks(level0)
-    todo = [c for c in chunk_grid(shape, chunk) if (c[0] // chunk, c[1] // chunk) not in done]
+    todo = [c for c in blocks(shape, chunk) if (c[0] // chunk, c[1] // chunk) not in done]
     job = _WarpJob(
         str(transform.path) if transform.path else None,
         str(slide.path),

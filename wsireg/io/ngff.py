@@ -36,6 +36,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from wsireg.core.coords import micrometres_per
 from wsireg.io.output import check_output, staged_output
 from wsireg.io.pyramid import METHODS, downsample2, halved_shapes, level_shapes
 from wsireg.progress import dask_progress, progress
@@ -43,14 +44,6 @@ from wsireg.progress import dask_progress, progress
 NGFF_VERSIONS = ("0.4", "0.5")
 TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
-_UNIT_TO_UM = {
-    "micrometer": 1.0,
-    "nanometer": 1e-3,
-    "millimeter": 1e3,
-    "meter": 1e6,
-    "centimeter": 1e4,
-    "angstrom": 1e-4,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +360,7 @@ def _scale_um(axes: list[dict[str, Any]], scale: list[float]) -> tuple[float, fl
     out = []
     for axis_name in ("x", "y"):
         i = names.index(axis_name)
-        factor = _UNIT_TO_UM.get(str(axes[i].get("unit", "")).lower())
+        factor = micrometres_per(str(axes[i].get("unit", "")))
         if factor is None:
             return None
         out.append(scale[i] * factor)

@@ -15,12 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-
-def od_magnitude(rgb: np.ndarray) -> np.ndarray:
-    """Optical-density magnitude ``|-log((I + 1) / 256)|`` per pixel, float32 (0 on white)."""
-    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    return np.sqrt((od * od).sum(-1))
+from wsireg.core.stain import TISSUE_OD, od_magnitude_rgb
 
 
 def checkerboard(target: np.ndarray, warped: np.ndarray, squares: int = 8) -> np.ndarray:
@@ -34,8 +31,8 @@ def checkerboard(target: np.ndarray, warped: np.ndarray, squares: int = 8) -> np
 
 def overlay(target: np.ndarray, warped: np.ndarray) -> np.ndarray:
     """Target's stain amount in magenta, the warped source's in green, on black."""
-    t = _normalised(od_magnitude(target))
-    s = _normalised(od_magnitude(warped))
+    t = _normalised(od_magnitude_rgb(target))
+    s = _normalised(od_magnitude_rgb(warped))
     return (np.stack([t, s, t], -1) * 255).round().astype(np.uint8)
 
 
@@ -45,9 +42,9 @@ def _normalised(values: np.ndarray) -> np.ndarray:
 
 
 def similarity(target: np.ndarray, warped: np.ndarray) -> float:
-    """NCC of the OD magnitudes inside the union of tissue (OD > 0.15) of both images."""
-    t, s = od_magnitude(target), od_magnitude(warped)
-    mask = (t > 0.15) | (s > 0.15)
+    """NCC of the OD magnitudes inside the union of the stained pixels of both images."""
+    t, s = od_magnitude_rgb(target), od_magnitude_rgb(warped)
+    mask = (t > TISSUE_OD) | (s > TISSUE_OD)
     if mask.sum() < 16:
         return float("nan")
     a, b = t[mask] - t[mask].mean(), s[mask] - s[mask].mean()
@@ -56,8 +53,6 @@ def similarity(target: np.ndarray, warped: np.ndarray) -> float:
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
-    from PIL import Image
-
     path = Path(path)
     Image.fromarray(np.ascontiguousarray(rgb)).save(path, optimize=True)
     return path

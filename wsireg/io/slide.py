@@ -30,6 +30,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from wsireg.core.coords import micrometres_per
 from wsireg.errors import SlideError
 
 #: Preferred side of a dask chunk of a level, rounded to a multiple of the native tile size.
@@ -742,9 +743,6 @@ def _positive_pair(x: Any, y: Any) -> tuple[float, float] | None:
     return None
 
 
-_UNIT_TO_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
-
-
 def _ome_xml_mpp(xml: str) -> tuple[float, float] | None:
     import xml.etree.ElementTree as ET
 
@@ -755,8 +753,8 @@ def _ome_xml_mpp(xml: str) -> tuple[float, float] | None:
     for element in root.iter():
         if element.tag.endswith("Pixels"):
             x, y = element.get("PhysicalSizeX"), element.get("PhysicalSizeY")
-            fx = _UNIT_TO_UM.get(element.get("PhysicalSizeXUnit", "µm"), None)
-            fy = _UNIT_TO_UM.get(element.get("PhysicalSizeYUnit", "µm"), None)
+            fx = micrometres_per(element.get("PhysicalSizeXUnit", "µm"))
+            fy = micrometres_per(element.get("PhysicalSizeYUnit", "µm"))
             if x and y and fx and fy:
                 return _positive_pair(float(x) * fx, float(y) * fy)
             return None

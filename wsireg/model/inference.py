@@ -36,7 +36,7 @@ The pyramid (:func:`register_pyramid`, lines 1-3 and 22)
     pixels: warp the original moving image with it, once.
 
 The out-of-core scheduler calls :func:`register_level` block by block with blocks read with a
-halo (:func:`wsireg.core.tiling.axis_window`); it is a pure function of tensors and the network.
+halo (:func:`wsireg.core.blocks.axis_window`); it is a pure function of tensors and the network.
 """
 
 from __future__ import annotations
@@ -51,39 +51,20 @@ from torch import Tensor, nn
 
 from wsireg.core import field as fields
 from wsireg.core import losses, tiling
+from wsireg.core.stain import BACKGROUND, has_tissue, network_input
 from wsireg.model.network import MultiLevelModel
 
 __all__ = [
-    "BACKGROUND",
     "DEFAULTS",
     "GroupTrainer",
     "InferenceSettings",
     "PatchCounts",
     "build_pyramid",
-    "has_tissue",
     "inference_settings",
-    "network_input",
     "pad_to_multiple",
     "register_level",
     "register_pyramid",
 ]
-
-BACKGROUND = 0.0
-"""Value of slide background (white) in every network representation (zero optical density);
-used to pad patches and to fill warped images outside the moving image."""
-
-TISSUE_LEVEL = 0.06
-"""Network-representation value (0..1: optical-density magnitude, or haematoxylin amount for
-the shipped networks) above which a pixel counts as stained tissue."""
-TISSUE_SHARE = 0.002
-"""Share of tissue pixels below which a patch (or a scheduler block) counts as background."""
-
-
-def has_tissue(images: Tensor) -> Tensor:
-    """Per item of ``(L, C, H, W)`` network-representation images: more than
-    :data:`TISSUE_SHARE` of the pixels above :data:`TISSUE_LEVEL` (bool ``(L,)``)."""
-    return (images > TISSUE_LEVEL).flatten(1).float().mean(dim=1) > TISSUE_SHARE
-
 
 @dataclass
 class PatchCounts:
@@ -151,14 +132,6 @@ def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> Infer
 
 
 # --- representation and pyramid ------------------------------------------------------------------
-
-
-def network_input(rgb: Tensor, representation: str = "od") -> Tensor:
-    """The one conversion from RGB ``(N, 3, H, W)`` (uint8, or float in ``[0, 1]``) to the
-    network representation ``(N, 1, H, W)`` in ``[0, 1]``, background 0: see
-    :func:`wsireg.core.losses.to_network_input` (``"od"``: optical-density magnitude). Pointwise, so a
-    block equals the same pixels of a whole-image conversion."""
-    return losses.to_network_input(rgb, representation)
 
 
 def pad_to_multiple(image: Tensor, multiple: int, value: float = BACKGROUND) -> Tensor:

@@ -2,7 +2,7 @@
 
 Architecture (paper Sec. 2, Fig. 1)
     Input: the moving and the fixed patch, one channel each (see
-    :func:`wsireg.core.losses.to_network_input`), concatenated to ``(N, 2, P, P)``. Encoder: ``D``
+    :func:`wsireg.core.stain.network_input`), concatenated to ``(N, 2, P, P)``. Encoder: ``D``
     levels of 3x3 convolution with stride 2 (instead of max pooling) + GroupNorm + PReLU, so the
     bottleneck is ``P / 2^D``. Decoder: 3x3 transposed convolutions with stride 2 + GroupNorm +
     PReLU, each fed with the previous decoder output concatenated with the encoder output of the
@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsireg.core.tiling import groups
 from wsireg.errors import WsiregError
 
 __all__ = [
@@ -55,7 +54,6 @@ __all__ = [
     "default_weights_path",
     "load_default",
     "num_parameters",
-    "predict",
     "resolve_device",
     "sha256_file",
     "verify_checksum",
@@ -356,22 +354,3 @@ def load_default(device: str | torch.device = "cpu") -> MultiLevelModel:
 
 
 # --- inference ----------------------------------------------------------------------------------
-
-
-def predict(net: nn.Module, moving: Tensor, fixed: Tensor, group_size: int | None = None) -> Tensor:
-    """Displacements ``(L, 2, P, P)`` for patch pairs ``(L, 1, P, P)``, without autograd.
-
-    ``net`` is a :class:`UNet` (e.g. ``model[level]``). Patches are sent to the network's device
-    ``group_size`` at a time (all at once if ``None``) and the result is returned on
-    ``moving``'s device. Runs under :func:`torch.inference_mode`.
-    """
-    device = next(net.parameters()).device
-    n = moving.shape[0]
-    outs = []
-    with torch.inference_mode():
-        for sl in groups(n, group_size or max(n, 1)):
-            out = net(moving[sl].to(device), fixed[sl].to(device))
-            outs.append(out.to(moving.device))
-    if not outs:
-        return moving.new_zeros((0, 2, *moving.shape[-2:]))
-    return torch.cat(outs)

@@ -88,8 +88,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsireg.core import field as wfield
-from wsireg.core.losses import REPRESENTATIONS, SIMILARITIES
-from wsireg.core.stain import dye_basis
+from wsireg.core.losses import SIMILARITIES
+from wsireg.core.stain import REPRESENTATIONS, dye_basis, stained
 from wsireg.errors import InputError, WsiregError
 from wsireg.model.inference import DEFAULTS, GroupTrainer, InferenceSettings, register_pyramid
 from wsireg.model.network import MultiLevelModel, UNetConfig
@@ -233,7 +233,7 @@ class TrainConfig:
     stain_loss: str = "same"
     """``"same"``: loss compares both sides in the original stain; ``"cross"``: the inputs."""
     representation: str = "od"
-    """Network input (:func:`wsireg.core.losses.to_network_input`)."""
+    """Network input (:func:`wsireg.core.stain.network_input`)."""
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     head_width: int = 16
     seed: int = 0
@@ -377,14 +377,9 @@ def heldout_region(name: str, slides_dir: str | Path | None = None) -> np.ndarra
     return np.ascontiguousarray(_split(name, load_real_image(name, slides_dir))[1])
 
 
-def _od_sum(rgb: np.ndarray) -> np.ndarray:
-    """Sum over channels of the natural-log optical density ``-ln((I + 1) / 256)``."""
-    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0).sum(axis=-1)
-
-
 def tissue_fraction(rgb: np.ndarray, step: int = 4) -> float:
-    """Fraction of pixels (every ``step``-th) whose optical density sum exceeds 0.25."""
-    return float((_od_sum(rgb[::step, ::step]) > 0.25).mean())
+    """Fraction of stained pixels (:func:`wsireg.core.stain.stained`), every ``step``-th."""
+    return float(stained(rgb[::step, ::step]).mean())
 
 
 def background_colour(image: np.ndarray) -> np.ndarray:
