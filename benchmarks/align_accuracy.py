@@ -1,4 +1,5 @@
-"""Accuracy and speed of the initial affine alignment (:mod:`wsireg.engine.align`) on real stain pairs.
+"""Accuracy and speed of the initial affine alignment (:mod:`wsireg.engine.align`) on real
+stain pairs.
 
 Data: ``../shared/data/anhir-5pc`` (two ANHIR pairs with expert landmarks; read its README).
 The landmarks are used for evaluation only. The 5 % images are treated as level 0.
@@ -14,12 +15,12 @@ rescaled, padded, or with the roles swapped; the source landmarks follow. ``--st
 harder ones, ``--random N`` N seeded random ones per pair (held-out checks).
 
 Synthetic: ``skimage.data.immunohistochemistry()`` warped by a known affine with a colour
-change (mean mapping error, px), and :mod:`wsireg.synthetic.texture` H&E / IHC pairs with any rotation,
-mirrors and a smooth nonrigid part (median landmark error vs the affine floor, px).
+change (mean mapping error, px), and :mod:`wsireg.synthetic.texture` H&E / IHC pairs with any
+rotation, mirrors and a smooth nonrigid part (median landmark error vs the affine floor, px).
 
 Run: ``python benchmarks/align_accuracy.py [--quick] [--stress] [--random N] [--set K=V]``
-(``--set`` overrides an :class:`~wsireg.engine.align.AlignConfig` field). Timings are per pair, after
-a first call that also pays torch's start-up (~1 s).
+(``--set`` overrides an :class:`~wsireg.engine.align.AlignConfig` field). Timings are per pair,
+after a first call that also pays torch's start-up.
 """
 
 from __future__ import annotations

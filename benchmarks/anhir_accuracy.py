@@ -31,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wsireg.engine.transform import Transform
+from wsireg.io.annotations import write_landmarks
+from wsireg.progress import set_quiet
+from wsireg.run.evaluate import landmarks as pair_landmarks
 from wsireg.run.evaluate import rtre
+from wsireg.run.register import register
 
 PEER_SCRIPT = r"""
 import json, sys, time
@@ -102,29 +107,22 @@ def read_pairs(table: Path) -> list[dict[str, str]]:
 
 def landmarks(pair: dict[str, str]) -> tuple[np.ndarray, np.ndarray, float]:
     """First min(n_source, n_target) landmarks and the target diagonal (wsireg.run.evaluate)."""
-    from wsireg.run.evaluate import landmarks as pair_landmarks
-
     marks = pair_landmarks(pair["source_landmarks"], pair["target_landmarks"], pair["target"])
     return marks.source, marks.target, marks.diagonal
 
 
 def run_wsireg(pair: dict[str, str], workdir: Path, options: dict) -> dict:
-    from wsireg.engine.transform import Stage, Transform
-    from wsireg.run.register import register
-
     src, tgt, diag = landmarks(pair)
     start = time.perf_counter()
     result = register(
         pair["source"], pair["target"], workdir / pair["name"], overwrite=True, **options
     )
     seconds = time.perf_counter() - start
-    mapped, residual = result.transform.map_points(src, "inverse")
-    affine = Transform(
-        [Stage(np.array(result.report["alignment"]["matrix"]))],
-        result.transform.target,
-        result.transform.source,
+    mapped, residual = result.transform.map_points(src, "source_to_target")
+    affine = Transform.from_affine(
+        result.transform.initial_affine, result.transform.target, result.transform.source
     )
-    affine_mapped, _ = affine.map_points(src, "inverse")
+    affine_mapped, _ = affine.map_points(src, "source_to_target")
     errors, affine_errors = rtre(mapped, tgt, diag), rtre(affine_mapped, tgt, diag)
     return {
         "method": "wsireg",
@@ -150,8 +148,6 @@ def peer_python(env: Path) -> Path:
 
 
 def run_elastix(pair: dict[str, str], python: Path) -> dict:
-    from wsireg.io.annotations import write_landmarks
-
     src, tgt, diag = landmarks(pair)
     with tempfile.TemporaryDirectory() as tmp:
         points_in = Path(tmp) / "source.csv"
@@ -210,9 +206,6 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)
     args = parser.parse_args()
-
-    from wsireg.progress import set_quiet
-
     set_quiet(True)
     options = {
         "weights": None if args.weights == "none" else args.weights,

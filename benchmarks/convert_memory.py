@@ -1,6 +1,6 @@
 """Peak memory and speed of ``wsireg convert`` (slide -> OME-Zarr) against slide size.
 
-First writes synthetic slides (pyramidal JPEG OME-TIFF, :func:`wsireg.synthetic.texture.
+First writes synthetic slides (pyramidal JPEG OME-TIFF, :func:`wsireg.synthetic.slides.
 write_synthetic_slide`) of each size into ``--workdir`` (reused when already there), then
 converts each with ``wsireg convert SLIDE OUT.ome.zarr`` in a fresh process and prints one JSON
 line per size: size, wall time, MPx/s (level-0 pixels per second, whole pyramid included), CPU
@@ -33,7 +33,7 @@ DEFAULT_SIZES = (10_000, 30_000, 100_000)
 
 _GENERATE = (
     "import sys; from wsireg.progress import set_quiet; set_quiet(True); "
-    "from wsireg.synthetic.texture import write_synthetic_slide; "
+    "from wsireg.synthetic.slides import write_synthetic_slide; "
     "write_synthetic_slide(sys.argv[1], (int(sys.argv[2]),) * 2, seed=int(sys.argv[3]))"
 )
 

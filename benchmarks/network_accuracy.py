@@ -1,9 +1,10 @@
 """Accuracy and speed of the registration network (no instance optimisation). One JSON line each.
 
 (a) ``synthetic_epe``: ``--pairs`` held-out pairs (never seen in training, see
-    ``wsireg.model.train.HOLDOUT``): procedural tissue of seeds >= 900 (H&E source, IHC target, via
-    :func:`wsireg.synthetic.slides.synthetic_pair`) and crops of the held-out parts of the real slides
-    (moving: the crop; fixed: the crop re-stained IHC-like in optical-density space and warped).
+    ``wsireg.model.training_data.HOLDOUT``): procedural tissue of seeds >= 900 (H&E source, IHC
+    target, via :func:`wsireg.synthetic.slides.synthetic_pair`) and crops of the held-out parts
+    of the real slides (moving: the crop; fixed: the crop re-stained IHC-like in optical-density
+    space and warped).
     The ground truth is a :class:`wsireg.synthetic.deformation.SmoothDeformation` of up to
     ``--max-displacement`` px at the working (finest) level, with
     ``fixed(x) = moving(x + u_true(x))``. EPE = ``|u - u_true|`` (px) averaged over tissue pixels
@@ -11,11 +12,11 @@
     the multi-level multi-iteration network (the model's stored settings) and the finest
     level's network alone with one iteration. With ``--section-jitter J`` the fixed side of
     every pair also goes through a fine-scale random displacement of up to ``J`` px (control
-    points every 6-16 px, :func:`wsireg.model.train.random_displacement`) that the truth leaves out:
-    structures shift individually as between two consecutive sections, and the networks should
-    follow only the smooth part (a validation that mimics real serial sections without using
-    the ANHIR pairs). With ``--content-change F`` a share ``F`` of the pairs also shows other
-    tissue in a blob of the fixed side (:func:`content_change`).
+    points every 6-16 px, :func:`wsireg.model.training_data.random_displacement`) that the truth
+    leaves out: structures shift individually as between two consecutive sections, and the
+    networks should follow only the smooth part (a validation that mimics real serial sections
+    without using the ANHIR pairs). With ``--content-change F`` a share ``F`` of the pairs also
+    shows other tissue in a blob of the fixed side (:func:`content_change`).
 (b) ``anhir_rtre``: the real pairs of ``anhir-5pc/pairs.csv``. The initial affine ``A``
     (target -> source, level-0 px) is :func:`wsireg.engine.align.align`; the network registers the
     source resampled through ``A`` to the target, giving ``T(x) = A (x + u(x))``. Source landmarks
@@ -45,6 +46,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from wsireg.core import field, stain
-from wsireg.model.inference import inference_settings, register_pyramid
+from wsireg.model.inference import InferenceSettings, inference_settings, register_pyramid
 from wsireg.model.network import MultiLevelModel, default_weights_path
-from wsireg.model.train import (
-    background_colour,
+from wsireg.model.train import TrainConfig
+from wsireg.model.training_data import (
     crop_region,
     heldout_region,
     random_displacement,
@@ -91,6 +93,12 @@ class EvalPair:
         self.name, self.moving, self.fixed, self.truth = name, moving, fixed, truth
         warped = field.warp_image(moving.float(), truth, padding=255.0)
         self.tissue = stain.od_norm(stain.optical_density(warped), axis=1) > stain.TISSUE_OD
+
+
+def background_colour(image: np.ndarray) -> np.ndarray:
+    """Glass colour of a slide image: per-channel 97th percentile of a subsample, uint8 ``(3,)``."""
+    sub = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]
+    return np.percentile(sub.reshape(-1, 3), 97, axis=0).astype(np.uint8)
 
 
 def synthetic_pairs(n: int, size: int, max_disp: float) -> list[EvalPair]:
@@ -186,23 +194,21 @@ def run_synthetic(model: MultiLevelModel, args: argparse.Namespace) -> dict:
     pairs += synthetic_pairs(args.pairs - len(pairs), args.size, args.max_displacement)
     pairs = section_change(pairs, args.section_jitter)
     pairs = content_change(pairs, args.content_change)
-    overrides = _overrides(args)
+    settings = inference_settings(model, **_overrides(args))
+    single_settings = replace(settings, iterations=1)
     rows = {"identity": [], "multi_level": [], "single_level": []}
     per_source: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for pair in pairs:
         zero = torch.zeros_like(pair.truth)
-        multi = register_pyramid(model, pair.moving, pair.fixed, **overrides)
-        single = register_pyramid(
-            model, pair.moving, pair.fixed, **{**overrides, "levels": 1, "iterations": 1}
-        )
+        multi = register_pyramid(model, pair.moving, pair.fixed, settings)
+        single = register_pyramid(model, pair.moving, pair.fixed, single_settings, levels=1)
         rows["identity"].append(_epe(zero, pair))
         rows["multi_level"].append(_epe(multi, pair))
         rows["single_level"].append(_epe(single, pair))
         src = pair.name.split("@")[0].rstrip("0123456789")
         per_source.setdefault(src, []).append(rows["multi_level"][-1] / rows["identity"][-1])
     mean = {k: float(np.mean(v)) for k, v in rows.items()}
-    cfg = inference_settings(model, **overrides)
     return {
         "benchmark": "network_accuracy",
         "measurement": "synthetic_epe",
@@ -212,7 +218,7 @@ def run_synthetic(model: MultiLevelModel, args: argparse.Namespace) -> dict:
         "size": args.size,
         "max_displacement_px": args.max_displacement,
         "levels": model.num_levels,
-        "settings": cfg.to_dict(),
+        "settings": settings.to_dict(),
         "epe_identity_px": round(mean["identity"], 3),
         "epe_multi_level_px": round(mean["multi_level"], 3),
         "reduction_multi_level_pct": round(100 * (1 - mean["multi_level"] / mean["identity"]), 1),
@@ -261,9 +267,16 @@ def invert_points(
     q = _apply(np.linalg.inv(matrix), points)
     x = q.copy()
     for _ in range(iterations):
-        disp = field.sample_field(u, torch.from_numpy(x).float()).double().numpy()
+        disp = _field_at(u, torch.from_numpy(x).float()).double().numpy()
         x = q - disp
     return x
+
+
+def _field_at(u: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear value ``(K, 2)`` of ``u`` ``(1, 2, H, W)`` at (x, y) ``points`` ``(K, 2)`` in
+    pixels of its grid, the edge replicated beyond the border."""
+    positions = points.to(u.dtype).T.reshape(1, 2, -1, 1)
+    return field.sample(u, positions, mode="bilinear", padding="border")[0, :, :, 0].T
 
 
 #: Offsets (px, top and left) of the patch grid at which the ANHIR pairs are registered. The
@@ -274,16 +287,20 @@ GRID_OFFSETS = (0, 16, 32, 48)
 
 
 def register_offset(
-    model: MultiLevelModel, moving: torch.Tensor, fixed: torch.Tensor, offset: int, settings: dict
+    model: MultiLevelModel,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    offset: int,
+    settings: InferenceSettings,
 ) -> torch.Tensor:
     """:func:`register_pyramid` with the patch grid shifted by ``offset`` px (white padding on
     the top and left, cropped from the field)."""
     if offset == 0:
-        return register_pyramid(model, moving, fixed, **settings)
+        return register_pyramid(model, moving, fixed, settings)
     pad = (offset, 0, offset, 0)
     m = F.pad(moving.float(), pad, value=255.0)
     f = F.pad(fixed.float(), pad, value=255.0)
-    return register_pyramid(model, m / 255.0, f / 255.0, **settings)[..., offset:, offset:]
+    return register_pyramid(model, m / 255.0, f / 255.0, settings)[..., offset:, offset:]
 
 
 def run_anhir(
@@ -311,9 +328,7 @@ def run_anhir(
         t_align = time.perf_counter() - t0
         moving = warp_affine(source, matrix, target.shape[:2])
         t0 = time.perf_counter()
-        fields = [
-            register_offset(model, moving, _tensor(target), o, settings.to_dict()) for o in offsets
-        ]
+        fields = [register_offset(model, moving, _tensor(target), o, settings) for o in offsets]
         t_net = (time.perf_counter() - t0) / len(offsets)
 
         def rtre(u: torch.Tensor) -> np.ndarray:
@@ -382,7 +397,8 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
         times.append(time.perf_counter() - t0)
     history = model.metadata.get("training", {}).get("history", [])
     epoch_s = [float(r["seconds"]) for r in history]
-    train_cfg = model.metadata.get("training", {}).get("config", {})
+    stored = model.metadata.get("training", {}).get("config")
+    train_cfg = TrainConfig.from_dict(stored) if stored else None
     return {
         "benchmark": "network_accuracy",
         "measurement": "speed",
@@ -399,7 +415,9 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
             "median_s": round(float(np.median(times)), 2),
         },
         "training_s_per_epoch": round(float(np.median(epoch_s)), 1) if epoch_s else None,
-        "training_pairs_per_epoch": train_cfg.get("steps_per_epoch", 0) * train_cfg.get("batch", 1),
+        "training_pairs_per_epoch": (
+            train_cfg.optimiser.steps_per_epoch * train_cfg.step.batch if train_cfg else 0
+        ),
         "training_epochs": len(epoch_s),
         "threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2),

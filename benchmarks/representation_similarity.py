@@ -13,11 +13,12 @@ diagnostic of the input, measured on the evaluation pairs (it chose nothing by i
 ``wsireg/weights/README.md``).
 
 Then, per image (the ANHIR images and the held-out regions of the training slides,
-:func:`wsireg.model.train.heldout_region`): the angle between the image's own haematoxylin vector,
-estimated the way of Macenko et al. (2009: the plane of the two main optical-density
-directions of tissue pixels, its 1st and 99th angle percentiles, haematoxylin the one with the
-larger red component), and the fixed Ruifrok & Johnston vector that :func:`haematoxylin` uses;
-and the mean of the ``"haematoxylin"`` representation over tissue pixels.
+:func:`wsireg.model.training_data.heldout_region`): the angle between the image's own
+haematoxylin vector, estimated the way of Macenko et al. (2009: the plane of the two main
+optical-density directions of tissue pixels, its 1st and 99th angle percentiles, haematoxylin
+the one with the larger red component), and the fixed Ruifrok & Johnston vector that
+:func:`haematoxylin` uses; and the mean of the ``"haematoxylin"`` representation over tissue
+pixels.
 
     python benchmarks/representation_similarity.py
 """
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from wsireg.core import field, losses, stain
 from wsireg.core.stain import TISSUE_LEVEL, dye_basis
 from wsireg.io.annotations import read_landmarks
+from wsireg.model.training_data import heldout_region
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATCH, STEP, SEARCH = 64, 32, 8
@@ -156,8 +158,6 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-    from wsireg.model.train import heldout_region
-
     for name in ("cmu", "tcga", "ihc"):
         region = heldout_region(name, args.slides_dir)[::2, ::2]  # every 2nd px is plenty
         images[f"held-out {name}"] = torch.from_numpy(region.copy()).permute(2, 0, 1)[None] / 255.0

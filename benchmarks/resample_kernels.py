@@ -1,12 +1,13 @@
 """Resampling kernels for the warp engine's block function, timed on one output chunk.
 
 A 1024 x 1024 RGB uint8 chunk is resampled from a 1200 x 1200 source box through a smooth
-random coordinate map (what :func:`wsireg.engine.warp.warp_block` does per chunk), with each candidate:
-OpenCV ``remap`` (bilinear, 1/32-px fixed-point weights, uint8 in and out: what wsireg uses),
-``remap`` on float32 maps split into two int16 + weight maps first (``convertMaps``), torch
-``grid_sample`` (bilinear, float32, the naive choice), and scipy ``map_coordinates``
-(order 1). Prints one JSON line per kernel: median milliseconds per chunk, megapixels per
-second (one thread each), and the largest difference from the float reference in grey levels.
+random coordinate map (what :func:`wsireg.engine.warp.warp_block` does per chunk), with each
+candidate: OpenCV ``remap`` (bilinear, 1/32-px fixed-point weights, uint8 in and out: what
+wsireg uses), ``remap`` on float32 maps split into two int16 + weight maps first
+(``convertMaps``), torch ``grid_sample`` (bilinear, float32, the naive choice), and scipy
+``map_coordinates`` (order 1). Prints one JSON line per kernel: median milliseconds per chunk,
+megapixels per second (one thread each), and the largest difference from the float reference
+in grey levels.
 
     python benchmarks/resample_kernels.py
 """

@@ -10,10 +10,8 @@ against the truth (level-0 pixels), and the error before registration.
 
 The synthetic tissue has the same scale at every slide size (``--texture-downsample 1``: nuclei
 ~12-15 px, glands ~100-300 px across at level 0, like a 0.5 um/px scan), so a larger slide holds
-more tissue, as real ones do. (Until 2026-11-24 the texture was coarsened with the size,
-``size / 4096``: the 100k^2 slide then showed sub-pixel nuclei at level 0 and no structure at
-all at downsample 16, and its field at downsample 16 could only follow the tissue outline:
-101.8 px mean error.)
+more tissue, as real ones do (a texture coarsened with the slide size leaves a large slide
+with sub-pixel nuclei at level 0 and no structure for a coarse field to follow).
 
     python benchmarks/scale_register.py --sizes 2500 5000 10000 --level 0
     python benchmarks/scale_register.py --sizes 100000 --field-downsample 16
@@ -31,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from wsireg.engine.transform import Transform
+from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_slide
 
 CHILD = r"""
 import json, sys, time
@@ -52,8 +53,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_r
 def make_pair(
     workdir: Path, size: int, seed: int, texture: float
 ) -> tuple[Path, Path, object, float]:
-    from wsireg.synthetic.slides import synthetic_pair, write_synthetic_slide
-
     max_displacement = 0.004 * size
     _, _, truth = synthetic_pair(
         (size, size),
@@ -82,13 +81,10 @@ def make_pair(
 
 
 def errors(out: Path, size: int, seed: int, truth, texture: float) -> tuple[np.ndarray, ...]:
-    from wsireg.engine.transform import Transform
-    from wsireg.synthetic.slides import pair_landmarks
-
     target_pts, source_pts = pair_landmarks(
         (size, size), seed, truth, n=300, texture_downsample=texture
     )
-    mapped, _ = Transform.load(out / "transform").map_points(target_pts)
+    mapped, _ = Transform.load(out / "transform").map_points(target_pts, "target_to_source")
     return (
         np.linalg.norm(mapped - source_pts, axis=1),
         np.linalg.norm(target_pts - source_pts, axis=1),

@@ -28,6 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wsireg.engine.transform import SlideRef, Transform, create_field
+from wsireg.io.slide import open_slide
+from wsireg.progress import set_quiet
+from wsireg.synthetic.deformation import SmoothDeformation
+from wsireg.synthetic.slides import write_synthetic_slide
+
 CHILD = r"""
 import json, sys, time
 from wsireg.progress import set_quiet
@@ -39,15 +45,17 @@ t0 = time.perf_counter()
 timings = {}
 if mode == "copy":
     import dask
-    from wsireg.io.ngff import build_pyramid, create_ome_zarr, write_level0
+    from wsireg.io.ngff import ZarrLayout, create_ome_zarr, fill_pyramid, write_level0
     from wsireg.io.slide import open_slide
     slide = open_slide(slide_path)
     image = slide.level(0)
-    group = create_ome_zarr(out, slide.level_shape(0), 3, "uint8", mpp=slide.mpp, chunk=1024)
+    group = create_ome_zarr(
+        out, slide.level_shape(0), 3, "uint8", mpp=slide.mpp, layout=ZarrLayout(chunk=1024)
+    )
     with dask.config.set(num_workers=threads):
         write_level0(group, image)
         timings["level0_s"] = time.perf_counter() - t0
-        build_pyramid(group)
+        fill_pyramid(group)
 else:
     from wsireg.engine.warp import warp
     warp(transform_path, slide_path, out, threads=threads, timings=timings)
@@ -58,12 +66,6 @@ print(json.dumps(timings))
 
 
 def make_inputs(workdir: Path, size: int, max_displacement: float, seed: int) -> tuple[Path, Path]:
-    from wsireg.engine.transform import SlideRef, Transform, create_field
-    from wsireg.io.slide import open_slide
-    from wsireg.progress import set_quiet
-    from wsireg.synthetic.deformation import SmoothDeformation
-    from wsireg.synthetic.slides import write_synthetic_slide
-
     set_quiet(True)
     slide_path = workdir / f"synthetic-{size}.ome.tif"
     if not slide_path.exists():

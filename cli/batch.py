@@ -1,4 +1,8 @@
-"""``wsireg batch``, ``wsireg evaluate`` and ``wsireg stack``."""
+"""``wsireg batch``, ``wsireg evaluate`` and ``wsireg stack``.
+
+Each verb imports the library inside its function, so that ``wsireg --help`` and the other
+verbs do not pay for importing torch, dask and zarr.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from pathlib import Path
 
 import click
 
+from wsireg.engine.parallel import Execution
+
 from .main import cli, quiet_option
-from .register import register_kwargs, register_options
+from .register import options_from_cli, register_options
 
 
 def cluster_options(function):  # type: ignore[no-untyped-def]
@@ -40,16 +46,18 @@ def cluster_options(function):  # type: ignore[no-untyped-def]
     return function
 
 
-def _cluster(options: dict) -> dict:
-    scheduler, workers = options.pop("scheduler"), options.pop("workers")
+def execution_from_cli(values: dict) -> Execution:
+    """The :class:`~wsireg.engine.parallel.Execution` of the cluster options (removed from
+    ``values``)."""
+    scheduler, workers = values.pop("scheduler"), values.pop("workers")
     if scheduler is not None and workers is not None:
         raise click.UsageError("give --scheduler or --workers, not both")
-    return {
-        "scheduler": scheduler,
-        "workers": workers,
-        "threads": options.pop("threads"),
-        "resources": {"GPU": 1} if options.pop("gpu_resources") else None,
-    }
+    return Execution(
+        scheduler=scheduler,
+        workers=workers,
+        threads=values.pop("threads"),
+        resources={"GPU": 1} if values.pop("gpu_resources") else None,
+    )
 
 
 @cli.command()
@@ -66,7 +74,7 @@ def _cluster(options: dict) -> dict:
 @click.option("--resume", is_flag=True, help="Skip complete pairs, continue interrupted ones.")
 @click.option("--overwrite", is_flag=True, help="Replace existing pair outputs.")
 @register_options
-def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> None:
+def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **values) -> None:
     """Register every pair of the ANHIR pair table PAIRS (CSV) into OUT.
 
     Columns `Source image`, `Target image`, optional `Source landmarks` and `Target
@@ -77,10 +85,9 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **options) -> N
     from wsireg.run.batch import batch as run
     from wsireg.run.evaluate import format_table
 
-    cluster = _cluster(options)
-    document = run(
-        pairs, out, resume=resume, overwrite=overwrite, **cluster, **register_kwargs(options)
-    )
+    execution = execution_from_cli(values)
+    options = options_from_cli(values)
+    document = run(pairs, out, options, execution=execution, resume=resume, overwrite=overwrite)
     click.echo(format_table(document["pairs"], document["summary"]))
     counts = document["counts"]
     click.echo(
@@ -144,7 +151,7 @@ def stack(
     reference: int,
     resume: bool,
     overwrite: bool,
-    **options,
+    **values,
 ) -> None:
     """Register serial sections SLIDES (in order) into the frame of one of them: each to its
     neighbour towards the reference, transforms composed, every slide interpolated once."""
@@ -156,15 +163,10 @@ def stack(
         raise click.BadParameter(
             f"must be a position 0..{len(slides) - 1}", param_hint="--reference"
         )
-    cluster = _cluster(options)
+    execution = execution_from_cli(values)
+    options = options_from_cli(values)
     result = run(
-        slides,
-        out,
-        reference,
-        resume=resume,
-        overwrite=overwrite,
-        **cluster,
-        **register_kwargs(options),
+        slides, out, reference, options, execution=execution, resume=resume, overwrite=overwrite
     )
     for name in result.names:
         warped = result.warped.get(name)

@@ -1,13 +1,21 @@
-"""``wsireg register`` and ``wsireg demo``."""
+"""``wsireg register``, ``wsireg demo`` and ``wsireg deform``.
+
+Each verb imports the library inside its function, so that ``wsireg --help`` and the other
+verbs do not pay for importing torch, dask and zarr.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .main import cli, quiet_option
+
+if TYPE_CHECKING:  # annotations only: importing it loads torch
+    from wsireg.run.settings import RegisterOptions
 
 
 def register_options(function):  # type: ignore[no-untyped-def]
@@ -36,8 +44,8 @@ def register_options(function):  # type: ignore[no-untyped-def]
             "--weights",
             default="none",
             show_default=True,
-            help="'none' (pure instance optimisation: the most accurate on real stain pairs "
-            "so far), 'default' (the shipped networks, Algorithm 1) or a .pt path.",
+            help="'none' (pure instance optimisation), 'default' (the shipped networks, "
+            "Algorithm 1) or a .pt path; README compares their accuracy.",
         ),
         click.option(
             "--flip-average/--no-flip-average",
@@ -65,22 +73,26 @@ def register_options(function):  # type: ignore[no-untyped-def]
     return function
 
 
-def register_kwargs(options: dict) -> dict:
-    """Library keyword arguments of the shared options."""
-    return {
-        "level": options["level"],
-        "levels": options["levels"],
-        "iterations": options["iterations"],
-        "patch": options["patch"],
-        "stride": options["stride"],
-        "group": options["group"],
-        "refine": options["refine"],
-        "weights": None if options["weights"] == "none" else options["weights"],
-        "flip_average": options["flip_average"],
-        "device": options["device"],
-        "warp_level": options["warp_level"],
-        "write_warped": not options["no_warp"],
-    }
+def options_from_cli(values: dict) -> RegisterOptions:
+    """The :class:`~wsireg.run.settings.RegisterOptions` of the shared options (removed from
+    ``values``)."""
+    from wsireg.run.settings import RegisterOptions  # here: the CLI starts without torch
+
+    weights = values.pop("weights")
+    return RegisterOptions(
+        level=values.pop("level"),
+        levels=values.pop("levels"),
+        iterations=values.pop("iterations"),
+        patch=values.pop("patch"),
+        stride=values.pop("stride"),
+        group=values.pop("group"),
+        refine=values.pop("refine"),
+        weights=None if weights == "none" else weights,
+        flip_average=values.pop("flip_average"),
+        device=values.pop("device"),
+        warp_level=values.pop("warp_level"),
+        write_warped=not values.pop("no_warp"),
+    )
 
 
 @cli.command()
@@ -98,14 +110,13 @@ def register_kwargs(options: dict) -> dict:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def register(
-    source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **options
+    source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **values
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
     from wsireg.run.register import register as run
 
-    result = run(
-        source, target, out, resume=resume, overwrite=overwrite, **register_kwargs(options)
-    )
+    options = options_from_cli(values)
+    result = run(source, target, out, options, resume=resume, overwrite=overwrite)
     sim = result.report.get("similarity", {})
     click.echo(
         f"{out}: similarity before {sim.get('before', float('nan')):.3f}, affine "

@@ -1,4 +1,8 @@
-"""``wsireg info`` and ``wsireg convert``."""
+"""``wsireg info`` and ``wsireg convert``.
+
+Each verb imports the library inside its function, so that ``wsireg --help`` and the other verbs
+do not pay for importing dask, zarr and the slide readers.
+"""
 
 from __future__ import annotations
 
@@ -41,16 +45,6 @@ def info(slide: Path, as_json: bool) -> None:
         click.echo("  associated images: none")
 
 
-def output_format(path: Path, given: str | None) -> str:
-    """``ome-zarr`` or ``ome-tiff``, from ``--format`` or the output's suffix."""
-    if given:
-        return given
-    name = path.name.lower()
-    if name.endswith((".tif", ".tiff")):
-        return "ome-tiff"
-    return "ome-zarr"
-
-
 @cli.command()
 @quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
@@ -80,7 +74,7 @@ def output_format(path: Path, given: str | None) -> str:
     help="OME-NGFF version of an OME-Zarr output (0.4: zarr v2 format, 0.5: zarr v3).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def convert(
+def convert(  # noqa: PLR0913 - click passes each option as one argument
     slide: Path,
     out: Path,
     fmt: str | None,
@@ -92,33 +86,17 @@ def convert(
     overwrite: bool,
 ) -> None:
     """Convert any readable SLIDE to a multiscale OME-Zarr or pyramidal OME-TIFF (OUT)."""
-    from wsireg.io.ngff import write_ome_tiff, write_ome_zarr
-    from wsireg.io.output import check_output
-    from wsireg.io.slide import open_slide
+    from wsireg.io.convert import convert as convert_slide
+    from wsireg.io.ngff import ZarrLayout
+    from wsireg.io.tiff import TiffLayout
 
-    check_output(out, overwrite)
-    with open_slide(slide) as opened:
-        if not 0 <= level < opened.level_count:
-            raise click.BadParameter(
-                f"{slide} has levels 0..{opened.level_count - 1}", param_hint="--level"
-            )
-        mpp = opened.mpp
-        if mpp is not None:
-            ds = opened.level_downsamples[level]
-            mpp = (mpp[0] * ds, mpp[1] * ds)
-        image = opened.level(level)
-        if output_format(out, fmt) == "ome-tiff":
-            write_ome_tiff(
-                image, out, mpp=mpp, tile=tile, compression=compression, overwrite=overwrite
-            )
-        else:
-            write_ome_zarr(
-                image,
-                out,
-                mpp=mpp,
-                chunk=chunk,
-                ngff_version=ngff_version,
-                name=Path(slide).name,
-                overwrite=overwrite,
-            )
+    convert_slide(
+        slide,
+        out,
+        level=level,
+        fmt=fmt,
+        zarr_layout=ZarrLayout(chunk=chunk, ngff_version=ngff_version),
+        tiff_layout=TiffLayout(tile=tile, compression=compression),
+        overwrite=overwrite,
+    )
     click.echo(str(out))

@@ -2,41 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from .main import cli
-
-# CLI option name -> TrainConfig field (only options that were given override the config).
-_OVERRIDES = (
-    "levels",
-    "iterations",
-    "patch",
-    "stride",
-    "group",
-    "train_groups",
-    "supervision",
-    "supervision_epochs",
-    "alpha",
-    "lr",
-    "lr_decay",
-    "epochs",
-    "steps_per_epoch",
-    "batch",
-    "crop",
-    "max_displacement",
-    "stain_loss",
-    "seed",
-    "threads",
-    "section_change",
-    "content_change",
-    "stain_changes",
-    "similarity",
-    "init_weights",
-    "representation",
-)
 
 
 @cli.command()
@@ -125,36 +95,15 @@ def train(
 
     CONFIG is an optional JSON object of training options (see wsireg.model.train.TrainConfig);
     command-line options override it. With --resume the configuration stored in OUT is used
-    (only --epochs may change it).
+    (only --epochs and --threads may change it).
     """
-    from wsireg.errors import InputError
-    from wsireg.model.train import CONFIG, TrainConfig
+    # imported here, not at the top: `wsireg --help` and the other verbs need no torch
+    from wsireg.model.train import MODEL, resolve_config
     from wsireg.model.train import train as run_train
 
-    given = {k: v for k, v in options.items() if v is not None and k in _OVERRIDES}
-    if given.get("train_groups") == 0:
-        given["train_groups"] = None
-    stored = out_dir / CONFIG
-    if resume and stored.is_file():
-        source, data = stored, json.loads(stored.read_text())
-        extra = set(given) - {"epochs", "threads"}
-        if extra:
-            raise click.UsageError(f"--resume uses the stored config; cannot change {extra}")
-    elif config is not None:
-        source = config
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(config, f"not a JSON training config ({exc})") from exc
-    else:
-        source, data = None, {}
-    data.update(given)
-    try:
-        cfg = TrainConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise InputError(source or out_dir, str(exc)) from exc
+    cfg = resolve_config(config, options, out_dir, resume)
     model = run_train(cfg, out_dir, resume=resume, slides_dir=slides_dir)
-    click.echo(str(out_dir / "model.pt"))
+    click.echo(str(out_dir / MODEL))
     final = model.metadata.get("training", {}).get("final_loss")
     if final is not None:
         click.echo(f"final loss {final:.4f}", err=True)

@@ -1,8 +1,11 @@
-"""``wsireg warp``, ``wsireg warp-points`` and ``wsireg warp-geojson``."""
+"""``wsireg warp``, ``wsireg warp-points`` and ``wsireg warp-geojson``.
+
+Each verb imports the library inside its function, so that ``wsireg --help`` and the other verbs
+do not pay for importing torch, dask and zarr.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -60,7 +63,7 @@ TRANSFORM = click.Path(path_type=Path)
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted warp of the same inputs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def warp(
+def warp(  # noqa: PLR0913 - click passes each option as one argument
     transform: Path,
     source: Path,
     out: Path,
@@ -80,8 +83,7 @@ def warp(
     TRANSFORM is a transform directory or a `wsireg register` output directory.
     """
     from wsireg.engine.warp import warp as run_warp
-
-    from .slides import output_format
+    from wsireg.io.convert import output_format
 
     if scheduler and workers:
         raise click.UsageError("give --scheduler or --workers, not both")
@@ -105,7 +107,7 @@ def warp(
 
 def _direction(inverse: bool) -> str:
     # Default: points of the source slide go to the target, as `wsireg warp` moves pixels.
-    return "forward" if inverse else "inverse"
+    return "target_to_source" if inverse else "source_to_target"
 
 
 @cli.command("warp-points")
@@ -123,13 +125,10 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
     """Map the landmarks of an ANHIR CSV (,X,Y) through TRANSFORM."""
     from wsireg.engine.transform import Transform
     from wsireg.io.annotations import read_landmarks, write_landmarks
-    from wsireg.io.output import check_output, staged_output
 
-    check_output(out, overwrite)
     loaded = Transform.load(transform)
     mapped, residual = loaded.map_points(read_landmarks(points), _direction(inverse))
-    with staged_output(out, overwrite) as stage:
-        write_landmarks(stage, mapped)
+    write_landmarks(out, mapped, overwrite=overwrite)
     if len(residual) and residual.max() > 0.05:
         click.echo(f"warning: inverse residual up to {residual.max():.3g} px", err=True)
     click.echo(str(out))
@@ -171,10 +170,8 @@ def warp_geojson(
 ) -> None:
     """Map GeoJSON annotations (e.g. a QuPath export) through TRANSFORM."""
     from wsireg.engine.transform import Transform
-    from wsireg.io.annotations import map_geojson, read_geojson
-    from wsireg.io.output import check_output, staged_output
+    from wsireg.io.annotations import map_geojson, read_geojson, write_geojson
 
-    check_output(out, overwrite)
     loaded = Transform.load(transform)
     document = read_geojson(annotations)
     if max_segment is None:
@@ -185,6 +182,5 @@ def warp_geojson(
         return loaded.map_points(xy, _direction(inverse))[0]
 
     mapped = map_geojson(document, mapper, max_segment=max_segment, pixel_origin=pixel_origin)
-    with staged_output(out, overwrite) as stage:
-        stage.write_text(json.dumps(mapped))
+    write_geojson(out, mapped, overwrite=overwrite)
     click.echo(str(out))

@@ -1,4 +1,5 @@
-"""Algorithm 1 on tensors: plumbing checked with fake networks, then the shipped model."""
+"""Algorithm 1 on tensors (wsireg.model.algorithm, wsireg.model.inference): plumbing checked with
+fake networks, then the shipped model. The training branch: tests/test_trainer.py."""
 
 from __future__ import annotations
 
@@ -7,20 +8,33 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from wsireg.core import field, tiling
+from wsireg.core import tiling
 from wsireg.core.stain import has_tissue, network_input
+from wsireg.model.algorithm import average_pyramid, pad_to_multiple
 from wsireg.model.inference import (
-    GroupTrainer,
+    InferenceSettings,
     PatchCounts,
-    build_pyramid,
+    flip_averaged,
     inference_settings,
-    pad_to_multiple,
     register_level,
     register_pyramid,
 )
-from wsireg.model.network import MultiLevelModel, UNet, UNetConfig, default_weights_path
+from wsireg.model.network import (
+    MultiLevelModel,
+    UNet,
+    UNetConfig,
+    default_weights_path,
+    load_default,
+)
+from wsireg.synthetic.slides import synthetic_pair
+from wsireg.synthetic.texture import get_texture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def plain(**settings) -> InferenceSettings:
+    """Algorithm 1's settings without smoothing and flip averaging (the bare loop)."""
+    return InferenceSettings(smoothing=0.0, flip_average=False, **settings)
 
 
 class ConstantNet(nn.Module):
@@ -47,7 +61,7 @@ def test_untrained_network_gives_an_almost_zero_field() -> None:
     torch.manual_seed(0)
     net = UNet().eval()
     a, b = _texture(150, 200, 1), _texture(150, 200, 2)
-    v = register_level(net, a, b, iterations=2, patch=64, stride=32, group=5)
+    v = register_level(net, a, b, plain(iterations=2, patch=64, stride=32, group=5))
     assert v.shape == (1, 2, 150, 200)
     assert float(v.abs().max()) < 0.01  # the last layer starts at ~1e-5
 
@@ -56,7 +70,7 @@ def test_iterations_compose_the_level_field() -> None:
     # a constant prediction c composed M times is M c (fold keeps the centres exactly)
     net = ConstantNet(1.5, -0.5)
     img = _texture(100, 70)
-    v = register_level(net, img, img, iterations=3, patch=64, stride=32, group=4)
+    v = register_level(net, img, img, plain(iterations=3, patch=64, stride=32, group=4))
     assert torch.allclose(v[:, 0], torch.full_like(v[:, 0], 4.5), atol=1e-5)
     assert torch.allclose(v[:, 1], torch.full_like(v[:, 1], -1.5), atol=1e-5)
 
@@ -67,8 +81,8 @@ def test_group_size_does_not_change_the_result() -> None:
     with torch.no_grad():
         net.head[-1].weight.normal_(0, 0.05)  # a non-trivial field
     a, b = _texture(96, 128, 4), _texture(96, 128, 5)
-    v1 = register_level(net, a, b, iterations=2, patch=64, stride=32, group=1)
-    v2 = register_level(net, a, b, iterations=2, patch=64, stride=32, group=100)
+    v1 = register_level(net, a, b, plain(iterations=2, patch=64, stride=32, group=1))
+    v2 = register_level(net, a, b, plain(iterations=2, patch=64, stride=32, group=100))
     assert float(v1.abs().max()) > 0.05
     assert torch.allclose(v1, v2, atol=1e-4)  # conv kernels may sum in another order
 
@@ -94,7 +108,7 @@ def test_inference_skips_patches_that_are_blank_on_both_sides() -> None:
     moving[..., :32, 160:] = 0.5
     net, counts = CountingNet(1.0, 0.0), PatchCounts()
     v = register_level(
-        net, moving, fixed, iterations=1, patch=64, stride=32, group=5, counts=counts
+        net, moving, fixed, plain(iterations=1, patch=64, stride=32, group=5), counts
     )
     geometry = tiling.unfold(fixed, 64, 32)[1]
     run = has_tissue(tiling.unfold(fixed, 64, 32, "constant")[0]) | has_tissue(
@@ -106,7 +120,7 @@ def test_inference_skips_patches_that_are_blank_on_both_sides() -> None:
     assert torch.equal(v[:, 0], expected[:, 0]) and float(v[:, 1].abs().max()) == 0.0
     # a blank pair never calls the network; training still sees every patch
     blank = torch.zeros(1, 1, 64, 64)
-    assert float(register_level(net, blank, blank, patch=64, stride=32).abs().max()) == 0.0
+    assert float(register_level(net, blank, blank, plain(patch=64, stride=32)).abs().max()) == 0.0
     assert net.seen == counts.run
 
 
@@ -117,13 +131,20 @@ def test_pyramid_upsamples_and_composes_between_levels() -> None:
     rgb = (torch.rand(1, 3, 75, 61) * 255).to(torch.uint8)  # odd sizes: padded, then cropped
     # (a constant prediction is a pure bias, which flip averaging cancels: see below)
     flat = dict(iterations=1, patch=64, stride=32, flip_average=False)
-    u = register_pyramid(model, rgb, rgb, group=8, **flat)
+    u = register_pyramid(model, rgb, rgb, inference_settings(model, group=8, **flat))
     assert u.shape == (1, 2, 75, 61)
     assert torch.allclose(u[:, 0], torch.full_like(u[:, 0], 3.0), atol=1e-4)
     assert torch.allclose(u[:, 1], torch.full_like(u[:, 1], 0.75), atol=1e-4)
     # one level (the finest network only)
-    u1 = register_pyramid(model, rgb, rgb, levels=1, **flat)
+    u1 = register_pyramid(model, rgb, rgb, inference_settings(model, **flat), levels=1)
     assert torch.allclose(u1[:, 0], torch.full_like(u1[:, 0], 1.0), atol=1e-5)
+    # the coarsest network alone, and sub-pyramids beyond the model
+    u0 = register_pyramid(model, rgb, rgb, inference_settings(model, **flat), top_network=0)
+    assert torch.allclose(u0[:, 0], torch.full_like(u0[:, 0], 1.0), atol=1e-5)
+    with pytest.raises(ValueError, match="top_network"):
+        register_pyramid(model, rgb, rgb, top_network=2)
+    with pytest.raises(ValueError, match="levels"):
+        register_pyramid(model, rgb, rgb, top_network=0, levels=2)
 
 
 def test_pyramid_and_padding_helpers() -> None:
@@ -131,11 +152,11 @@ def test_pyramid_and_padding_helpers() -> None:
     padded = pad_to_multiple(img, 4, value=-1.0)
     assert padded.shape == (1, 2, 8, 8)
     assert torch.equal(padded[..., :5, :6], img) and float(padded[..., 5:, :].max()) == -1.0
-    pyr = build_pyramid(padded, 3)
+    pyr = average_pyramid(padded, 3)
     assert [p.shape[-1] for p in pyr] == [2, 4, 8]
     assert torch.allclose(pyr[0].mean(), padded.mean())
     with pytest.raises(ValueError):
-        build_pyramid(img, 2)
+        average_pyramid(img, 2)
 
 
 def test_network_input_is_one_channel_with_zero_background() -> None:
@@ -146,97 +167,12 @@ def test_network_input_is_one_channel_with_zero_background() -> None:
     assert float(rep[..., 0, 0]) == 0.0 and float(rep[..., 1, 1]) > 0.3
 
 
-def test_trainer_steps_only_the_selected_groups() -> None:
-    net = ConstantNet(0.0, 0.0)
-    calls = []
-
-    class Counting(torch.optim.SGD):
-        def step(self, closure=None):  # type: ignore[override]
-            calls.append(1)
-            return super().step(closure)
-
-    trainer = GroupTrainer(Counting(net.parameters(), lr=0.0), alpha=1.0, max_groups=2)
-    img = _texture(128, 128)
-    register_level(net, img, img, iterations=3, patch=64, stride=32, group=3, trainer=trainer)
-    assert len(calls) == 3 * 2  # 16 patches = 6 groups of <= 3; 2 trained per iteration
-    assert len(trainer.losses) == 6
-
-
-def test_training_branch_moves_a_translation_net_towards_the_truth() -> None:
-    # fixed(x) = moving(x + t) for "tissue" on a zero background: minimising -NCC drives a
-    # constant-field "network" to t
-    moving = torch.nn.functional.pad(_texture(64, 64, 7), (16, 16, 16, 16))
-    t = torch.tensor([2.0, -1.0]).reshape(1, 2, 1, 1).expand(1, 2, 96, 96)
-    fixed = field.warp_image(moving, t, padding=0.0)
-    net = ConstantNet(0.0, 0.0)
-    trainer = GroupTrainer(torch.optim.Adam(net.parameters(), lr=0.1), alpha=0.0)
-    for _ in range(20):
-        register_level(
-            net, moving, fixed, iterations=1, patch=64, stride=32, group=4, trainer=trainer
-        )
-    assert torch.allclose(net.value.detach(), torch.tensor([2.0, -1.0]), atol=0.25)
-    assert trainer.losses[-1] < trainer.losses[0] - 0.05
-
-
-class ContentNet(nn.Module):
-    """An input-dependent stand-in: ``u = w * (moving - fixed)`` in both channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(3.0))
-
-    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
-        return self.w * torch.cat((moving - fixed, fixed - moving), dim=1)
-
-
-def test_training_mode_shuffles_groups_but_returns_the_inference_field() -> None:
-    # with a zero learning rate, training only reorders the patches into groups: the folded
-    # field must equal the inference one (every prediction is put back in place)
-    net = ContentNet()
-    a = torch.cat([_texture(96, 96, 11), _texture(96, 96, 12)])
-    b = torch.cat([_texture(96, 96, 13), _texture(96, 96, 14)])
-    ref = register_level(net, a, b, iterations=2, patch=64, stride=32, group=3)
-    trainer = GroupTrainer(
-        torch.optim.SGD(net.parameters(), lr=0.0),
-        alpha=0.0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    got = register_level(net, a, b, iterations=2, patch=64, stride=32, group=3, trainer=trainer)
-    assert float(ref.abs().max()) > 0.1
-    assert torch.allclose(ref, got, atol=1e-5)
-
-
-def test_supervision_pulls_towards_the_known_residual() -> None:
-    # blank images carry no similarity gradient: only the end-point-error term acts
-    blank = torch.zeros(1, 1, 64, 64)
-    target = torch.tensor([1.0, -0.5]).reshape(1, 2, 1, 1).expand(1, 2, 64, 64)
-    net = ConstantNet(0.0, 0.0)
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    trainer = GroupTrainer(opt, alpha=0.0, supervision=1.0)
-    for _ in range(30):
-        register_level(
-            net, blank, blank, iterations=1, patch=64, stride=32, trainer=trainer, target=target
-        )
-    assert torch.allclose(net.value.detach(), torch.tensor([1.0, -0.5]), atol=0.1)
-    # without supervision the same run does not move
-    still = ConstantNet(0.0, 0.0)
-    plain = GroupTrainer(torch.optim.Adam(still.parameters(), lr=0.05), alpha=0.0)
-    register_level(
-        still, blank, blank, iterations=1, patch=64, stride=32, trainer=plain, target=target
-    )
-    assert float(still.value.detach().abs().max()) < 1e-6
-
-
 def _epe(u: Tensor, truth: Tensor, mask: Tensor) -> float:
     return float(torch.linalg.vector_norm(u - truth, dim=1)[mask].mean())
 
 
 @pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped weights")
 def test_shipped_model_registers_a_synthetic_pair_better_than_identity() -> None:
-    from wsireg.model.network import load_default
-    from wsireg.synthetic.slides import synthetic_pair
-    from wsireg.synthetic.texture import get_texture
-
     model = load_default()
     assert inference_settings(model).patch % 32 == 0
     shape, seed = (256, 256), 912  # an evaluation seed (training uses 100..107)
@@ -275,8 +211,6 @@ class _FlowNet(torch.nn.Module):
 
 
 def test_flip_average_cancels_a_bias_and_keeps_an_equivariant_prediction() -> None:
-    from wsireg.model.inference import flip_averaged
-
     g = torch.Generator().manual_seed(0)
     moving, fixed = torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)
     assert float(flip_averaged(_ConstantNet((1.5, -0.5)), moving, fixed).abs().max()) < 1e-6

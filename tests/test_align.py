@@ -1,4 +1,5 @@
-"""Affine initial alignment (wsireg.engine.align): synthetic pairs with known affines, real ANHIR pairs.
+"""Affine initial alignment (wsireg.engine.align): synthetic pairs with known affines, real ANHIR
+pairs.
 
 Directions follow wsireg.core.coords: ``AlignResult.matrix`` maps target level-0 points to source
 level-0 points. The ANHIR landmarks are used only to evaluate.

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from wsireg.engine.transform import Transform
-from wsireg.errors import InputError
-from wsireg.io.annotations import densify, map_geojson, read_landmarks, write_landmarks
+from wsireg.errors import InputError, OutputExistsError
+from wsireg.io.annotations import (
+    densify,
+    map_geojson,
+    read_geojson,
+    read_landmarks,
+    write_geojson,
+    write_landmarks,
+)
+from wsireg.io.output import partial_path
 
 from .test_transform import SOURCE, TARGET, field_transform, rotation
 
@@ -33,10 +41,27 @@ def test_landmark_csv_round_trip(tmp_path: Path, shared_data: Path) -> None:
         read_landmarks(tmp_path / "bad.csv")
 
 
+def test_landmark_and_geojson_files_are_staged_and_not_overwritten(tmp_path: Path) -> None:
+    csv_path, json_path = tmp_path / "p.csv", tmp_path / "a.geojson"
+    write_landmarks(csv_path, np.array([[1.0, 2.0]]))
+    write_geojson(json_path, {"type": "Point", "coordinates": [1.0, 2.0]})
+    with pytest.raises(OutputExistsError):
+        write_landmarks(csv_path, np.array([[3.0, 4.0]]))
+    with pytest.raises(OutputExistsError):
+        write_geojson(json_path, {"type": "Point", "coordinates": [3.0, 4.0]})
+    np.testing.assert_allclose(read_landmarks(csv_path), [[1.0, 2.0]])
+    assert read_geojson(json_path)["coordinates"] == [1.0, 2.0]
+    write_landmarks(csv_path, np.array([[3.0, 4.0]]), overwrite=True)
+    write_geojson(json_path, {"type": "Point", "coordinates": [3.0, 4.0]}, overwrite=True)
+    np.testing.assert_allclose(read_landmarks(csv_path), [[3.0, 4.0]])
+    assert read_geojson(json_path)["coordinates"] == [3.0, 4.0]
+    assert not partial_path(csv_path).exists() and not partial_path(json_path).exists()
+
+
 def test_warp_points_cli_both_ways(saved_transform, tmp_path: Path, run_cli) -> None:
     T, tdir = saved_transform
     target_pts = np.random.default_rng(5).uniform([100, 100], [3900, 2900], (60, 2))
-    source_pts, _ = T.map_points(target_pts)
+    source_pts, _ = T.map_points(target_pts, "target_to_source")
     write_landmarks(tmp_path / "source.csv", source_pts)
     # default: source-slide points -> target-slide points (what rTRE evaluates)
     result = run_cli("warp-points", tdir, tmp_path / "source.csv", "-o", tmp_path / "t.csv")
@@ -111,7 +136,7 @@ def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run
     assert len(line) > 2
     # Each mapped vertex is where the inverse transform puts it (QuPath corner convention).
     point = np.array(features[3]["geometry"]["coordinates"])
-    expected, _ = T.map_points(np.array([[321.0, 654.0]]), "inverse")
+    expected, _ = T.map_points(np.array([[321.0, 654.0]]), "source_to_target")
     np.testing.assert_allclose(point, expected[0] + 0.5, atol=1e-6)
     # Mapping back with --inverse returns to the original vertices (up to densification).
     result = run_cli(
@@ -157,4 +182,5 @@ def test_bad_geojson(tmp_path: Path, saved_transform, run_cli) -> None:
 
 def test_identity_transform_keeps_points() -> None:
     pts = np.array([[5.0, 6.0]])
-    assert Transform.identity(TARGET, SOURCE).map_points(pts, "inverse")[0] == pytest.approx(pts)
+    identity = Transform.identity(TARGET, SOURCE)
+    assert identity.map_points(pts, "source_to_target")[0] == pytest.approx(pts)

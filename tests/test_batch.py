@@ -162,7 +162,7 @@ def test_evaluate_reproduces_the_batch_summary(cluster_run: dict, pairs: dict, r
                 "target": pair.target,
             }
         )
-        mapped, _ = Transform.load(out / pair.name).map_points(src, "inverse")
+        mapped, _ = Transform.load(out / pair.name).map_points(src, "source_to_target")
         errors = bench.rtre(mapped, tgt, diagonal)
         assert float(np.median(errors)) == row["median_rtre"]
         assert float(errors.mean()) == row["mean_rtre"]

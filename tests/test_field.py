@@ -123,7 +123,8 @@ def test_resize_constant_field_scales_values_by_size_ratio() -> None:
 
 def test_resize_of_affine_field_follows_pyramid_geometry() -> None:
     # coarse field u_c(x_c) = (a x_c + b, c y_c) in coarse pixels; fine pixel x_f sits at
-    # x_c = (x_f + 0.5) / 2 - 0.5 (wsireg.core.coords) and its displacement is 2 u_c(x_c) fine pixels.
+    # x_c = (x_f + 0.5) / 2 - 0.5 (wsireg.core.coords) and its displacement is 2 u_c(x_c) fine
+    # pixels.
     a, b, c = 0.1, 1.0, -0.2
     gc = fl.identity_grid((16, 16), dtype=torch.float64)
     uc = torch.stack((a * gc[:, 0] + b, c * gc[:, 1]), dim=1)

@@ -1,4 +1,5 @@
-"""OME-Zarr / OME-TIFF writers (wsireg.io.ngff) and the dask pyramid (wsireg.io.pyramid)."""
+"""OME-Zarr / OME-TIFF writers (wsireg.io.ngff, wsireg.io.tiff) and the dask pyramid
+(wsireg.io.pyramid)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ import zarr
 
 from wsireg.errors import OutputExistsError
 from wsireg.io.ngff import (
-    build_pyramid,
+    ZarrLayout,
     create_ome_zarr,
+    fill_pyramid,
     read_ome_zarr_levels,
     write_level0,
-    write_ome_tiff,
-    write_ome_tiff_levels,
     write_ome_zarr,
 )
 from wsireg.io.output import partial_path
 from wsireg.io.pyramid import downsample2, downsample2_block, halved_shapes, level_shapes
+from wsireg.io.tiff import TiffLayout, write_ome_tiff, write_ome_tiff_levels
 from wsireg.progress import set_quiet
 
 set_quiet(True)
@@ -107,7 +108,11 @@ def test_round_trip_odd_size(tmp_path, version):
     image = _image(301, 517)
     lazy = da.from_array(image, chunks=(100, 90, 3))  # not on the chunk grid: rechunked
     out = write_ome_zarr(
-        lazy, tmp_path / "a.ome.zarr", mpp=(0.25, 0.5), chunk=64, ngff_version=version, name="slide"
+        lazy,
+        tmp_path / "a.ome.zarr",
+        layout=ZarrLayout(chunk=64, ngff_version=version),
+        mpp=(0.25, 0.5),
+        name="slide",
     )
     assert out == tmp_path / "a.ome.zarr"
     levels = _levels_yxc(out)
@@ -137,7 +142,10 @@ def test_metadata_validates_and_ome_zarr_py_reads(tmp_path, version):
 
     image = _image(200, 130)
     path = write_ome_zarr(
-        image, tmp_path / "v.ome.zarr", mpp=(0.5, 0.5), chunk=64, ngff_version=version
+        image,
+        tmp_path / "v.ome.zarr",
+        layout=ZarrLayout(chunk=64, ngff_version=version),
+        mpp=(0.5, 0.5),
     )
     group = zarr.open_group(str(path), mode="r")
     model = (Image04 if version == "0.4" else Image05).from_zarr(group)
@@ -149,7 +157,9 @@ def test_metadata_validates_and_ome_zarr_py_reads(tmp_path, version):
 
 
 def test_metadata_content(tmp_path):
-    path = write_ome_zarr(_image(130, 70), tmp_path / "m.ome.zarr", mpp=(0.25, 0.5), chunk=64)
+    path = write_ome_zarr(
+        _image(130, 70), tmp_path / "m.ome.zarr", layout=ZarrLayout(chunk=64), mpp=(0.25, 0.5)
+    )
     attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     (multiscale,) = attrs["multiscales"]
     assert multiscale["version"] == "0.4" and multiscale["type"] == "mean"
@@ -168,7 +178,9 @@ def test_metadata_content(tmp_path):
     assert omero["channels"][0]["window"] == {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
     assert omero["rdefs"]["model"] == "color"
 
-    bare = write_ome_zarr(_image(130, 70), tmp_path / "p.ome.zarr", chunk=64, ngff_version="0.5")
+    bare = write_ome_zarr(
+        _image(130, 70), tmp_path / "p.ome.zarr", layout=ZarrLayout(chunk=64, ngff_version="0.5")
+    )
     ome = zarr.open_group(str(bare), mode="r").attrs["ome"]
     assert ome["version"] == "0.5" and "version" not in ome["multiscales"][0]
     assert all("unit" not in a for a in ome["multiscales"][0]["axes"])
@@ -181,18 +193,22 @@ def test_metadata_content(tmp_path):
 
 
 def test_small_image_single_level_and_levels_option(tmp_path):
-    small = write_ome_zarr(_image(40, 30), tmp_path / "s.ome.zarr", chunk=64)
+    small = write_ome_zarr(_image(40, 30), tmp_path / "s.ome.zarr", layout=ZarrLayout(chunk=64))
     arrays, meta = read_ome_zarr_levels(small)
     assert len(arrays) == 1 and arrays[0].chunks == (1, 40, 30)
-    two = write_ome_zarr(_image(300, 300), tmp_path / "t.ome.zarr", chunk=64, levels=2)
+    two = write_ome_zarr(
+        _image(300, 300), tmp_path / "t.ome.zarr", layout=ZarrLayout(chunk=64, levels=2)
+    )
     assert [a.shape for a in read_ome_zarr_levels(two)[0]] == [(3, 300, 300), (3, 150, 150)]
-    one_px = write_ome_zarr(_image(3, 2), tmp_path / "u.ome.zarr", levels=5)
+    one_px = write_ome_zarr(_image(3, 2), tmp_path / "u.ome.zarr", layout=ZarrLayout(levels=5))
     assert [a.shape[1:] for a in read_ome_zarr_levels(one_px)[0]] == [(3, 2), (2, 1), (1, 1)]
 
 
 def test_label_mask_nearest(tmp_path):
     mask = (np.arange(90 * 70).reshape(90, 70, 1) % 7).astype(np.uint8)
-    path = write_ome_zarr(mask, tmp_path / "mask.ome.zarr", chunk=32, downsample_method="nearest")
+    path = write_ome_zarr(
+        mask, tmp_path / "mask.ome.zarr", layout=ZarrLayout(chunk=32), downsample_method="nearest"
+    )
     levels = _levels_yxc(path)
     for k in range(1, len(levels)):
         np.testing.assert_array_equal(levels[k], levels[k - 1][::2, ::2])
@@ -208,11 +224,8 @@ def test_create_write_build_pieces(tmp_path):
         (150, 200),
         3,
         np.uint8,
+        layout=ZarrLayout(chunk=64, levels=None, ngff_version="0.5", compressor=None),
         mpp=None,
-        chunk=64,
-        compressor=None,
-        levels=None,
-        ngff_version="0.5",
         name=None,
     )
     level0 = group["0"]
@@ -220,7 +233,7 @@ def test_create_write_build_pieces(tmp_path):
     np.testing.assert_array_equal(level0[:], 255)  # unwritten RGB reads as white
     for y in range(0, 150, 64):
         level0[:, y : y + 64] = image[y : y + 64].transpose(2, 0, 1)
-    build_pyramid(group)
+    fill_pyramid(group)
     levels = _levels_yxc(tmp_path / "w.ome.zarr")
     np.testing.assert_array_equal(levels[1], downsample2_block(image))
     with pytest.raises(ValueError):
@@ -231,11 +244,8 @@ def test_create_write_build_pieces(tmp_path):
             (10, 10),
             3,
             np.uint8,
+            layout=ZarrLayout(chunk=64, levels=None, ngff_version="0.4", compressor=None),
             mpp=None,
-            chunk=64,
-            compressor=None,
-            levels=None,
-            ngff_version="0.4",
             name=None,
         )
 
@@ -243,7 +253,9 @@ def test_create_write_build_pieces(tmp_path):
 def test_read_bioformats2raw_layout(tmp_path):
     root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
     root.attrs["bioformats2raw.layout"] = 3
-    write_ome_zarr(_image(100, 80), tmp_path / "b2r.zarr" / "0", chunk=32, mpp=(0.5, 0.5))
+    write_ome_zarr(
+        _image(100, 80), tmp_path / "b2r.zarr" / "0", layout=ZarrLayout(chunk=32), mpp=(0.5, 0.5)
+    )
     arrays, meta = read_ome_zarr_levels(tmp_path / "b2r.zarr")
     assert arrays[0].shape == (3, 100, 80) and meta["scale_um"] == (0.5, 0.5)
     with pytest.raises(ValueError, match="not a zarr group"):
@@ -261,9 +273,7 @@ def test_custom_compressor_both_versions(tmp_path):
         path = write_ome_zarr(
             image,
             tmp_path / f"z{version}.ome.zarr",
-            chunk=32,
-            compressor=Zstd(level=1),
-            ngff_version=version,
+            layout=ZarrLayout(chunk=32, compressor=Zstd(level=1), ngff_version=version),
         )
         np.testing.assert_array_equal(_levels_yxc(path)[0], image)
 
@@ -278,12 +288,12 @@ def test_failure_leaves_no_output(tmp_path):
     image = da.from_array(_image(200, 200), chunks=(64, 64, 3)).map_blocks(boom, dtype=np.uint8)
     target = tmp_path / "f.ome.zarr"
     with pytest.raises(RuntimeError, match="reader failed"):
-        write_ome_zarr(image, target, chunk=64)
+        write_ome_zarr(image, target, layout=ZarrLayout(chunk=64))
     assert not target.exists() and not partial_path(target).exists()
 
     write_ome_zarr(_image(60, 60), target)  # a failed overwrite keeps the old output
     with pytest.raises(RuntimeError, match="reader failed"):
-        write_ome_zarr(image, target, chunk=64, overwrite=True)
+        write_ome_zarr(image, target, layout=ZarrLayout(chunk=64), overwrite=True)
     np.testing.assert_array_equal(_levels_yxc(target)[0], _image(60, 60))
     assert not partial_path(target).exists()
 
@@ -296,7 +306,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     write_ome_zarr(_image(50, 50, seed=2), target, overwrite=True)
     np.testing.assert_array_equal(_levels_yxc(target)[0], _image(50, 50, seed=2))
 
-    tiff = write_ome_tiff(_image(50, 50), tmp_path / "e.ome.tif", compression="zlib")
+    tiff = write_ome_tiff(
+        _image(50, 50), tmp_path / "e.ome.tif", layout=TiffLayout(compression="zlib")
+    )
     with pytest.raises(OutputExistsError):
         write_ome_tiff(_image(50, 50), tiff)
     assert write_ome_tiff(_image(60, 50), tiff, overwrite=True) == tiff
@@ -310,9 +322,8 @@ def test_ome_tiff_lossless_round_trip(tmp_path, compression):
     path = write_ome_tiff(
         da.from_array(image, chunks=(100, 100, 3)),
         tmp_path / "a.ome.tif",
+        layout=TiffLayout(tile=64, compression=compression),
         mpp=(0.25, 0.5),
-        tile=64,
-        compression=compression,
     )
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
@@ -333,9 +344,11 @@ def test_ome_tiff_lossless_round_trip(tmp_path, compression):
 
 def test_ome_tiff_from_existing_ome_zarr(tmp_path):
     image = _image(200, 150)
-    zarr_path = write_ome_zarr(image, tmp_path / "w.ome.zarr", chunk=64)
+    zarr_path = write_ome_zarr(image, tmp_path / "w.ome.zarr", layout=ZarrLayout(chunk=64))
     arrays, _ = read_ome_zarr_levels(zarr_path)
-    tiff = write_ome_tiff_levels(arrays, tmp_path / "w.ome.tif", tile=32, compression="zlib")
+    tiff = write_ome_tiff_levels(
+        arrays, tmp_path / "w.ome.tif", layout=TiffLayout(tile=32, compression="zlib")
+    )
     with tifffile.TiffFile(tiff) as tif:
         pixels = [level.asarray() for level in tif.series[0].levels]
     assert len(pixels) == len(arrays)
@@ -345,7 +358,7 @@ def test_ome_tiff_from_existing_ome_zarr(tmp_path):
 
 def test_ome_tiff_jpeg_is_close(tmp_path):
     image = _smooth(300, 400)
-    path = write_ome_tiff(image, tmp_path / "j.ome.tif", tile=128, quality=90)
+    path = write_ome_tiff(image, tmp_path / "j.ome.tif", layout=TiffLayout(tile=128, quality=90))
     with tifffile.TiffFile(path) as tif:
         assert tif.pages[0].compression == 7  # JPEG
         levels = [level.asarray() for level in tif.series[0].levels]
@@ -356,9 +369,11 @@ def test_ome_tiff_jpeg_is_close(tmp_path):
 
 def test_ome_tiff_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError):
-        write_ome_tiff(_image(20, 20), tmp_path / "x.ome.tif", compression="lzma")
+        write_ome_tiff(
+            _image(20, 20), tmp_path / "x.ome.tif", layout=TiffLayout(compression="lzma")
+        )
     with pytest.raises(ValueError):
-        write_ome_tiff(_image(20, 20), tmp_path / "x.ome.tif", tile=100)
+        write_ome_tiff(_image(20, 20), tmp_path / "x.ome.tif", layout=TiffLayout(tile=100))
     with pytest.raises(ValueError):
         write_ome_tiff(_image(20, 20)[..., :1], tmp_path / "x.ome.tif")
     assert not list(tmp_path.iterdir())

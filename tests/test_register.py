@@ -48,7 +48,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def landmark_error(transform, pair: dict) -> np.ndarray:
-    mapped, _ = transform.map_points(pair["target_pts"])
+    mapped, _ = transform.map_points(pair["target_pts"], "target_to_source")
     return np.linalg.norm(mapped - pair["source_pts"], axis=1)
 
 
@@ -135,7 +135,7 @@ def test_shipped_networks_alone_register_through_the_scheduler(pair: dict, tmp_p
 def test_identical_slides_give_identity(pair: dict, tmp_path: Path) -> None:
     result = register(pair["source"], pair["source"], tmp_path / "same", **FAST)
     pts = pair["target_pts"]
-    mapped, _ = result.transform.map_points(pts)
+    mapped, _ = result.transform.map_points(pts, "target_to_source")
     assert np.abs(mapped - pts).max() < 0.5
 
 
@@ -198,6 +198,38 @@ def test_resume_after_kill_gives_the_uninterrupted_result(pair: dict, tmp_path: 
     wa = zarr.open_group(str(reference / "warped.ome.zarr"), mode="r")["0"][:]
     wb = zarr.open_group(str(out / "warped.ome.zarr"), mode="r")["0"][:]
     np.testing.assert_array_equal(wa, wb)
+
+
+def test_level_arguments_are_checked_against_the_target_slide(
+    pair: dict, tmp_path: Path, run_cli
+) -> None:
+    from wsireg.io.slide import open_slide
+
+    count = open_slide(pair["target"]).level_count
+    for bad in (["--level", "-1"], ["--level", str(count)], ["--warp-level", "-1"]):
+        out = tmp_path / "o"
+        result = run_cli("register", pair["source"], pair["target"], "-o", out, *bad)
+        assert result.exit_code == 1, (bad, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "target.ome.tif" in lines[0] and "level" in lines[0], bad
+        assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_the_field_is_estimated_into_the_transform_and_the_affine_read_from_it(
+    pair: dict, tmp_path: Path
+) -> None:
+    result = register(pair["source"], pair["target"], tmp_path / "out", write_warped=False, **FAST)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    np.testing.assert_array_equal(
+        result.transform.initial_affine, np.array(report["alignment"]["matrix"])
+    )
+    assert result.transform.path == tmp_path / "out" / "transform"
+    assert sorted(p.name for p in result.transform.path.iterdir()) == [
+        "field.zarr",
+        "transform.json",
+    ]
+    with pytest.raises(TypeError, match="levles"):
+        register(pair["source"], pair["target"], tmp_path / "typo", levles=2)
 
 
 def test_unknown_mpp_and_incompatible_sizes_is_an_error(pair: dict, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import tifffile
 from PIL import Image
 
 from wsireg.errors import SlideError
-from wsireg.io.slide import open_slide
+from wsireg.io.convert import convert, output_format
+from wsireg.io.slide import check_level, open_slide
 
 # name -> (vendor, level (width, height)s, mpp or None) as OpenSlide 4.0.1 reports them
 READABLE = {
@@ -207,6 +208,39 @@ def test_convert_round_trip_and_reopen(
     assert run_cli("convert", src, out, *extra, "--overwrite").exit_code == 0
 
 
+def test_one_level_rule(slides_dir: Path, tmp_path: Path, run_cli) -> None:
+    assert check_level("s.svs", 1, 2) == 1
+    for level in (-1, 2):
+        with pytest.raises(SlideError, match=rf"s.svs: no level {level} \(levels 0..1\)"):
+            check_level("s.svs", level, 2)
+    src = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    with open_slide(src) as slide, pytest.raises(SlideError, match="levels 0..1"):
+        slide.level(2)
+    for level in ("-1", "2"):
+        result = run_cli("convert", src, tmp_path / "o.ome.zarr", "--level", level)
+        assert result.exit_code == 1
+        assert f"{src}: no level {level} (levels 0..1)" in result.stderr
+    assert not (tmp_path / "o.ome.zarr").exists()
+
+
+def test_convert_a_level_keeps_its_pixels_and_pixel_size(slides_dir: Path, tmp_path: Path) -> None:
+    src = slides_dir / "boxes.tiff"
+    out = tmp_path / "boxes.tiff"
+    assert output_format(out) == "ome-tiff" and output_format(out, "ome-zarr") == "ome-zarr"
+    assert output_format(tmp_path / "x.ome.zarr") == "ome-zarr"
+    with open_slide(src) as slide:
+        assert convert(slide, out, level=1, fmt="ome-zarr") == out
+        expected, (mpp_x, mpp_y), ds = (
+            slide.level(1).compute(),
+            slide.mpp,
+            slide.level_downsamples[1],
+        )
+    with open_slide(out) as converted:
+        assert converted.backend == "ome-zarr"
+        np.testing.assert_array_equal(converted.level(0).compute(), expected)
+        assert converted.mpp == pytest.approx((mpp_x * ds, mpp_y * ds))
+
+
 BAD = {
     "broken.svs": "not a readable slide",
     "unopenable.tiff": "not a readable slide",
@@ -252,7 +286,7 @@ def test_cli_bad_paths(tmp_path: Path, run_cli) -> None:
 
 
 def test_tile_cache_is_bounded_and_reuses_tiles() -> None:
-    from wsireg.io.slide import TileCache
+    from wsireg.io.backends import TileCache
 
     loads: list[int] = []
 

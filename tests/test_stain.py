@@ -86,6 +86,7 @@ def test_haematoxylin_unmixes_the_nuclear_stain() -> None:
     h = [float(stain.haematoxylin(dyed(stain.HEMATOXYLIN, a))) for a in (0.3, 0.6)]
     assert h[0] == pytest.approx(0.3 / stain.OD_REFERENCE, rel=0.02)
     assert h[1] == pytest.approx(2 * h[0], rel=0.02)  # linear in the dye amount
-    assert float(stain.haematoxylin(dyed(stain.EOSIN, 0.8))) < 0.02  # eosin alone is not haematoxylin
+    # eosin alone is not haematoxylin
+    assert float(stain.haematoxylin(dyed(stain.EOSIN, 0.8))) < 0.02
     white = torch.ones(1, 3, 2, 2)
     assert torch.all(stain.network_input(white, "haematoxylin") == 0)

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from wsireg.io.tiff import TiffLayout
 from wsireg.synthetic import deformation, slides
 from wsireg.synthetic import texture as S
 
@@ -128,7 +129,7 @@ def test_stain_jitter_is_deterministic_and_small():
 # -- deformations -------------------------------------------------------------------------------
 
 
-def test_deformation_inverse_and_magnitude():
+def test_deformation_magnitude_field_and_folding():
     shape = (1500, 2000)
     d = deformation.SmoothDeformation.random(
         shape,
@@ -141,10 +142,6 @@ def test_deformation_inverse_and_magnitude():
         flip=True,
         seed=3,
     )
-    pts = np.random.default_rng(1).uniform(0, [shape[1], shape[0]], (2000, 2))
-    back, residual = d.inverse(d(pts), iterations=100, tol=1e-6)
-    assert residual.max() < 0.01
-    assert np.abs(back - pts).max() < 0.01
     _, _, grid = _grid_points(shape, 10)
     u = np.linalg.norm(d.displacement(grid), axis=1)
     assert 0.95 * 40 < u.max() <= 40 * 1.001
@@ -214,7 +211,7 @@ def test_pair_landmarks(pair, texture):
 def test_chunk_sampling_speed():
     slide = S.get_texture(SEED, (100_000, 100_000))  # same seed: the base tiles are built
     best = min(_timed(lambda: slide.render(50176, 50176, 1024, 1024)) for _ in range(3))
-    assert 1.048576 / best > 3.0  # MPx/s; ~30 on one idle core
+    assert 1.048576 / best > 3.0  # MPx/s: a floor that holds on a busy, shared machine
 
 
 def _timed(fn) -> float:
@@ -223,27 +220,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def test_write_synthetic_png(tmp_path, texture):
-    from PIL import Image
-
-    from wsireg.errors import OutputExistsError
-
-    path = slides.write_synthetic_png(tmp_path / "a.png", (300, 400), SEED, "ihc", extent=SHAPE)
-    assert np.array_equal(np.asarray(Image.open(path)), texture.render(0, 0, 300, 400, "ihc"))
-    with pytest.raises(OutputExistsError):
-        slides.write_synthetic_png(path, (300, 400), SEED)
-
-
 def test_write_synthetic_slide_ome_tiff(tmp_path, texture):
     tifffile = pytest.importorskip("tifffile")
     shape = (700, 1100)
     path = slides.write_synthetic_slide(
         tmp_path / "s.ome.tiff",
         shape,
-        SEED,
+        seed=SEED,
         mpp=0.25,
-        tile=256,
-        compression="zlib",
+        layout=TiffLayout(tile=256, compression="zlib"),
         extent=SHAPE,
     )
     with tifffile.TiffFile(path) as tif:

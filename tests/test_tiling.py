@@ -1,4 +1,4 @@
-"""Tests of wsireg.core.tiling: unfold/fold, groups and block geometry of the out-of-core scheduler."""
+"""Tests of wsireg.core.tiling and wsireg.core.blocks: unfold/fold, groups, block geometry."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def test_blockwise_equals_whole_image(extra: int) -> None:
     for r0, c0, bh, bw in bl.blocks((h, w), block):
         rows = bl.axis_window(r0, r0 + bh, h, p, s, extra)
         cols = bl.axis_window(c0, c0 + bw, w, p, s, extra)
-        span = image[..., rows.centre_start : rows.centre_stop, cols.centre_start : cols.centre_stop]
+        span = image[..., rows.centre_start : rows.centre_stop, :]
+        span = span[..., cols.centre_start : cols.centre_stop]
         block_patches, bg = tl.unfold(span, p, s, "constant", 0.0)
         folded = tl.fold_centres(_patch_fn(block_patches), bg)
         out[..., r0 : r0 + bh, c0 : c0 + bw] = folded[..., rows.trim, cols.trim]

@@ -1,8 +1,10 @@
-"""Training (wsireg.model.train): data pairs, a tiny run that learns, checkpoints and the CLI verb."""
+"""Training (wsireg.model.train, wsireg.model.training_data): data pairs, the configuration, a
+tiny run that learns, checkpoints and the CLI verb."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,18 +12,24 @@ import torch
 
 from wsireg.core import field, losses
 from wsireg.core.stain import network_input
-from wsireg.errors import WsiregError
-from wsireg.model.inference import register_pyramid
-from wsireg.model.network import MultiLevelModel
+from wsireg.errors import InputError, WsiregError
+from wsireg.model.inference import DEFAULTS, register_pyramid
+from wsireg.model.network import MultiLevelModel, default_weights_path
 from wsireg.model.train import (
-    Crop,
+    FLAT_OPTIONS,
+    OptimiserSettings,
     TrainConfig,
+    resolve_config,
+    train,
+)
+from wsireg.model.training_data import (
+    Crop,
+    PairSettings,
     heldout_region,
     load_real_image,
     make_pair,
     random_displacement,
     restain,
-    train,
     training_region,
 )
 
@@ -68,12 +76,17 @@ def _tissue_rgb(side: int, seed: int) -> np.ndarray:
     return np.clip(255 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
+def _config(**options) -> TrainConfig:
+    """:data:`TINY` with flat ``options`` on top."""
+    return TrainConfig.from_dict({**TINY, **options})
+
+
 def _crop_source(cfg: TrainConfig):
-    side = cfg.crop + 2 * cfg.margin
+    side = cfg.pairs.crop + 2 * cfg.pairs.margin
 
     def sample(rng: np.random.Generator, scale: float = 1.0):
         clean = _tissue_rgb(side, int(rng.integers(1 << 30)))
-        return make_pair(Crop(clean, restain(clean, rng, "he"), "test"), cfg, rng, scale)
+        return make_pair(Crop(clean, restain(clean, rng, "he"), "test"), cfg.pairs, rng, scale)
 
     return sample
 
@@ -89,15 +102,81 @@ def _ncc_after(model: MultiLevelModel, pairs) -> float:
 
 
 def test_config_json_round_trip_and_unknown_keys() -> None:
-    cfg = TrainConfig(**TINY)
+    cfg = _config()
     back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"step": {"epochz": 3}})
+
+
+def test_a_flat_config_of_earlier_versions_loads_to_the_same_configuration() -> None:
+    # the training config stored with the shipped stage-4 weights, in the flat form of the
+    # versions before the configuration had sections
+    flat = {
+        "alpha": 0.01, "batch": 16, "content_change": 0.5, "crop": 64,
+        "deformation_spacing": [120.0, 480.0], "epochs": 6, "finest_level_probs": None,
+        "group": 16, "head_init_std": 0.001, "head_width": 16, "inference_group": 16,
+        "inference_patch": 128, "inference_stride": 64,
+        "init_weights": "wsireg/weights/default.pt", "iterations": 2,
+        "level_max_displacement": [10.0, 5.0, 4.0], "levels": 3, "lr": 0.0005, "lr_decay": 0.9,
+        "margin": 32, "max_displacement": 40.0, "max_rotation": 2.0, "max_shear": 0.02,
+        "max_translation": 10.0, "max_zoom": 0.03, "missing_tissue": 0.3, "patch": 64,
+        "representation": "haematoxylin", "scale_range": [0.75, 12.0], "section_change": 0.5,
+        "section_jitter": 2.0, "section_spacing": [6.0, 16.0], "seed": 0, "similarity": "ncc",
+        "sources": {"cmu": 0.2, "ihc": 0.15, "synthetic": 0.4, "tcga": 0.25},
+        "stain_changes": ["he", "ihc", "single", "swap"], "stain_loss": "same",
+        "steps_per_epoch": 300, "stride": 64, "supervision": 1.0, "supervision_epochs": 1000,
+        "synthetic_bank": 384, "synthetic_downsample": [1.0, 24.0],
+        "synthetic_seeds": [100, 101, 102, 103, 104, 105, 106, 107], "threads": 1,
+        "train_depth": 1, "train_groups": None,
+        "widths": [16, 32, 64, 128, 256],
+    }  # fmt: skip
+    cfg = TrainConfig.from_dict(flat)
+    expected = TrainConfig(
+        inference=replace(DEFAULTS, representation="haematoxylin"),
+        optimiser=OptimiserSettings(lr=0.0005, epochs=6, init_weights="wsireg/weights/default.pt"),
+        pairs=PairSettings(section_change=0.5, content_change=0.5),
+    )
+    assert cfg == expected
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # and the sectioned form round-trips
+    # the inference settings stored with a model trained from it are those shipped
+    if default_weights_path().is_file():
+        shipped = MultiLevelModel.load(default_weights_path())
+        assert cfg.inference.to_dict() == shipped.metadata["inference"]
+    # every option of every earlier flat config is known, and the stored smoothing is S / 4
+    assert set(flat) <= set(FLAT_OPTIONS) | {"levels", "seed", "threads"}
+    small = TrainConfig.from_dict({"inference_stride": 32})
+    assert small.inference.stride == 32 and small.inference.smoothing == 8.0
+    assert small.inference.flip_average
+
+
+def test_resolve_config_layers_a_file_the_options_and_a_resumed_run(tmp_path) -> None:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"crop": 128, "lr": 0.01}))
+    cfg = resolve_config(path, {"lr": 0.5, "train_groups": 0, "epochs": None}, tmp_path / "out")
+    assert (cfg.pairs.crop, cfg.optimiser.lr, cfg.step.train_groups) == (128, 0.5, None)
+    assert cfg.optimiser.epochs == TrainConfig().optimiser.epochs
+    assert resolve_config(None, {}, tmp_path / "out") == TrainConfig()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    resumed = resolve_config(path, {"epochs": 40, "threads": 2}, out, resume=True)
+    assert resumed.optimiser.epochs == 40 and resumed.threads == 2
+    assert resumed.pairs == cfg.pairs and resumed.optimiser.lr == 0.5
+    with pytest.raises(InputError, match="config.json.*patch"):
+        resolve_config(None, {"patch": 32}, out, resume=True)
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="cfg.json"):
+        resolve_config(path, {}, tmp_path / "out")
+    path.write_text(json.dumps({"epochz": 1}))
+    with pytest.raises(InputError, match="cfg.json.*epochz"):
+        resolve_config(path, {}, tmp_path / "out")
 
 
 def test_pair_truth_maps_the_moving_side_onto_the_fixed_side() -> None:
-    cfg = TrainConfig(**{**TINY, "crop": 128, "margin": 32, "max_displacement": 8.0})
+    cfg = _config(crop=128, margin=32, max_displacement=8.0)
     pair = _crop_source(cfg)(np.random.default_rng(0))
     assert pair.moving.shape == (1, 3, 128, 128) and pair.truth.shape == (1, 2, 128, 128)
     fixed = network_input(pair.loss_fixed)
@@ -134,14 +213,15 @@ def test_fade_reverses_the_contrast_of_dense_tissue_and_keeps_white() -> None:
 
 def test_training_choices_are_checked_when_configured() -> None:
     with pytest.raises(ValueError, match="stain_changes"):
-        TrainConfig(stain_changes=("he", "bogus"))
+        TrainConfig.from_dict({"stain_changes": ("he", "bogus")})
     with pytest.raises(ValueError, match="similarity"):
         TrainConfig.from_dict({"similarity": "mi"})
     with pytest.raises(ValueError, match="stain_loss"):
-        TrainConfig(stain_loss="both")
+        TrainConfig.from_dict({"stain_loss": "both"})
     with pytest.raises(ValueError, match="representation"):
-        TrainConfig(representation="rgb")
-    assert TrainConfig.from_dict({"stain_changes": ["fade", "he"]}).stain_changes == ("fade", "he")
+        TrainConfig.from_dict({"representation": "rgb"})
+    cfg = TrainConfig.from_dict({"stain_changes": ["fade", "he"]})
+    assert cfg.crops.stain_changes == ("fade", "he")
 
 
 def test_random_displacement_amplitude_and_no_folding() -> None:
@@ -164,31 +244,29 @@ def test_heldout_regions_are_disjoint_from_training(slides_dir) -> None:
 def test_tiny_training_run_lowers_the_loss(tmp_path) -> None:
     # overfit one pair: after a few epochs the trained model registers it better than the
     # untrained one (which predicts ~identity)
-    cfg = TrainConfig(**{**TINY, "max_displacement": 3.0, "max_translation": 3.0})
+    cfg = _config(max_displacement=3.0, max_translation=3.0)
     pair = _crop_source(cfg)(np.random.default_rng(5))
 
     def same_pair(rng: np.random.Generator, scale: float = 1.0):
         return pair
 
     torch.manual_seed(cfg.seed)
-    untrained = MultiLevelModel.uniform(
-        cfg.levels, cfg.network(), inference=cfg.inference().to_dict()
-    )
+    untrained = MultiLevelModel.uniform(cfg.levels, cfg.network, inference=cfg.inference.to_dict())
     model = train(cfg, tmp_path, data=same_pair)
     before, after = _ncc_after(untrained, [pair]), _ncc_after(model, [pair])
     assert after > before + 0.01, (before, after)
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert len(rows) == 1 + cfg.epochs
+    assert len(rows) == 1 + cfg.optimiser.epochs
     loaded = MultiLevelModel.load(tmp_path / "model.pt")
-    assert loaded.metadata["inference"]["patch"] == cfg.inference_patch
-    assert loaded.metadata["training"]["epochs"] == cfg.epochs
+    assert loaded.metadata["inference"]["patch"] == cfg.inference.patch
+    assert loaded.metadata["training"]["epochs"] == cfg.optimiser.epochs
 
 
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path) -> None:
-    cfg = TrainConfig(**{**TINY, "steps_per_epoch": 2, "epochs": 2})
+    cfg = _config(steps_per_epoch=2, epochs=2)
     sample = _crop_source(cfg)
     straight = train(cfg, tmp_path / "a", data=sample)
-    train(TrainConfig(**{**TINY, "steps_per_epoch": 2, "epochs": 1}), tmp_path / "b", data=sample)
+    train(_config(steps_per_epoch=2, epochs=1), tmp_path / "b", data=sample)
     with pytest.raises(WsiregError, match="resume"):
         train(cfg, tmp_path / "b", data=sample)
     resumed = train(cfg, tmp_path / "b", data=sample, resume=True)
@@ -223,7 +301,7 @@ def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
     model = MultiLevelModel.load(out / "model.pt")
     assert model.num_levels == 2 and model.metadata["inference"]["iterations"] == 1
     assert model.metadata["inference"]["representation"] == "haematoxylin"
-    assert json.loads((out / "config.json").read_text())["crop"] == 64
+    assert json.loads((out / "config.json").read_text())["pairs"]["crop"] == 64
     bad = run_cli("-q", "train", config, "-o", out, "--resume", "--patch", "32")
     assert bad.exit_code != 0
 
@@ -231,10 +309,8 @@ def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
 def test_section_change_leaves_the_fine_mismatch_out_of_the_truth() -> None:
     # the truth aligns a "neighbouring section" pair, but less well than a plain pair: the
     # fine-scale mismatch is in the images and not in the truth
-    base = TrainConfig(**{**TINY, "crop": 128, "margin": 32, "max_displacement": 8.0})
-    section = TrainConfig.from_dict(
-        {**base.to_dict(), "section_change": 1.0, "section_jitter": 3.0}
-    )
+    base = _config(crop=128, margin=32, max_displacement=8.0)
+    section = base.with_options({"section_change": 1.0, "section_jitter": 3.0})
 
     def scores(cfg: TrainConfig) -> tuple[float, float]:
         before, after = [], []
@@ -253,27 +329,25 @@ def test_section_change_leaves_the_fine_mismatch_out_of_the_truth() -> None:
 
 
 def test_init_weights_start_from_a_given_model(tmp_path) -> None:
-    cfg = TrainConfig(**{**TINY, "steps_per_epoch": 1, "epochs": 1})
+    cfg = _config(steps_per_epoch=1, epochs=1)
     sample = _crop_source(cfg)
     first = train(cfg, tmp_path / "a", data=sample)
-    zero = TrainConfig(
-        **{**cfg.to_dict(), "lr": 0.0, "init_weights": str(tmp_path / "a" / "model.pt")}
-    )
+    zero = cfg.with_options({"lr": 0.0, "init_weights": str(tmp_path / "a" / "model.pt")})
     again = train(TrainConfig.from_dict(zero.to_dict()), tmp_path / "b", data=sample)
     for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k  # lr 0: the fine-tuned networks are the initial ones
-    other = TrainConfig(**{**zero.to_dict(), "widths": (8, 8, 16, 16, 32)})
+    other = zero.with_options({"widths": (8, 8, 16, 16, 32)})
     with pytest.raises(WsiregError, match="do not match"):
         train(TrainConfig.from_dict(other.to_dict()), tmp_path / "c", data=sample)
 
 
 def test_content_change_shows_other_tissue_in_part_of_the_fixed_side() -> None:
-    base = TrainConfig(**{**TINY, "crop": 128, "margin": 32, "max_displacement": 8.0})
-    changed = TrainConfig.from_dict({**base.to_dict(), "content_change": 1.0})
+    base = _config(crop=128, margin=32, max_displacement=8.0)
+    changed = base.with_options({"content_change": 1.0})
     clean = _tissue_rgb(192, 11)
     crop = Crop(clean, restain(clean, np.random.default_rng(1), "he"), "test")
-    a = make_pair(crop, base, np.random.default_rng(4))
-    b = make_pair(crop, changed, np.random.default_rng(4))
+    a = make_pair(crop, base.pairs, np.random.default_rng(4))
+    b = make_pair(crop, changed.pairs, np.random.default_rng(4))
     # same draws up to the change: the truth and the moving side are the same
     assert torch.equal(a.truth, b.truth) and torch.equal(a.loss_moving, b.loss_moving)
     diff = (a.loss_fixed - b.loss_fixed).abs().amax(1)[0]

@@ -63,7 +63,7 @@ def test_integer_affine_reproduces_exact_pixels(pattern_slide: Path) -> None:
     A = np.array([[0.0, 1.0, 7.0], [-1.0, 0.0, 1200.0], [0.0, 0.0, 1.0]])
     target = SlideRef(None, (1000, 1100))
     T = Transform.from_affine(A, target, ref)
-    block = warp_block(T, slide, 0, 0, 1000, 1100)
+    block = warp_block(T, slide, (0, 0, 1000, 1100))
     src = slide.level(0).compute()
     yy, xx = np.mgrid[0:1000, 0:1100]
     sx, sy = yy + 7, 1200 - xx
@@ -79,9 +79,9 @@ def test_nonrigid_warp_matches_analytic_sampling(pattern_slide: Path, affine: np
     fld = smooth_field((1500 // 8, 2000 // 8), 8.0, amplitude=15)
     T = Transform.from_field(affine, fld, 8.0, ref, ref)
     y0, x0, h, w = 300, 400, 600, 700
-    block = warp_block(T, slide, y0, x0, h, w).astype(float)
+    block = warp_block(T, slide, (y0, x0, h, w)).astype(float)
     yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w]
-    pts, _ = T.map_points(np.stack([xx.ravel(), yy.ravel()], 1).astype(float))
+    pts, _ = T.map_points(np.stack([xx.ravel(), yy.ravel()], 1).astype(float), "target_to_source")
     expected = pattern(pts[:, 0], pts[:, 1]).reshape(h, w, 3)
     inside = (pts[:, 0] > 1) & (pts[:, 0] < 1998) & (pts[:, 1] > 1) & (pts[:, 1] < 1498)
     inside = inside.reshape(h, w)

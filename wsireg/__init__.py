@@ -19,7 +19,7 @@ _LAZY = {
     "open_slide": "wsireg.io.slide",
     "Slide": "wsireg.io.slide",
     "write_ome_zarr": "wsireg.io.ngff",
-    "write_ome_tiff": "wsireg.io.ngff",
+    "write_ome_tiff": "wsireg.io.tiff",
     "Transform": "wsireg.engine.transform",
     "register": "wsireg.run.register",
     "batch": "wsireg.run.batch",

@@ -2,7 +2,8 @@
 
 Long work reports through :func:`progress` (a context manager yielding an object with
 ``update(n)`` and ``set_postfix(**values)``), and dask computations through
-:func:`dask_progress`. :func:`set_quiet` (the CLI's ``--quiet``) silences both.
+:func:`dask_progress`. :func:`set_quiet` (the CLI's ``--quiet``) silences both. dask is
+imported inside :func:`dask_progress`: the CLI imports this module at start-up.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Pure tensor functions on 2-D displacement fields (no ``nn.Module``, no state).
 
-Axes, channel order, units and the backward-mapping convention are those of :mod:`wsireg.core.coords`:
+Axes, channel order, units and the backward-mapping convention are those of
+:mod:`wsireg.core.coords`:
 images are ``(N, C, H, W)``, fields ``(N, 2, H, W)`` (channel 0 = x, channel 1 = y) in pixels of
 the grid they live on, pixel centres at integers, and a field ``u`` warps by
 ``warped(x) = moving(x + u(x))``.

@@ -1,7 +1,7 @@
 """Pure tensor similarity measures and regularisers.
 
-Images are ``(N, C, H, W)`` and fields ``(N, 2, H, W)`` as in :mod:`wsireg.core.coords`. Every measure
-returns one value per sample, shape ``(N,)``; callers reduce (``.mean()``). Similarities are
+Images are ``(N, C, H, W)`` and fields ``(N, 2, H, W)`` as in :mod:`wsireg.core.coords`. Every
+measure returns one value per sample, shape ``(N,)``; callers reduce (``.mean()``). Similarities are
 "higher is better"; losses to minimise are built from them (see :func:`registration_loss`, the
 paper's Eq. 1: ``-NCC(M, F) + alpha * CURV(u)``).
 """

@@ -12,8 +12,8 @@ near a patch edge may point outside the patch. With margin ``m = (P - S) / 2``:
 * padding replicates the edge pixels by default (``mode="replicate"``); ``mode="constant"`` with
   ``value`` pads with a constant, e.g. the white of the slide background.
 
-Axes follow :mod:`wsireg.core.coords`; patches are ordered batch-major, then row-major over the patch
-grid: ``index = (n * rows + i) * cols + j``.
+Axes follow :mod:`wsireg.core.coords`; patches are ordered batch-major, then row-major over the
+patch grid: ``index = (n * rows + i) * cols + j``.
 
 The out-of-core scheduler unfolds blocks read with a halo (:mod:`wsireg.core.blocks`).
 """
@@ -33,7 +33,6 @@ __all__ = [
     "extract_patches",
     "fold_centres",
     "groups",
-    "margin",
     "num_groups",
     "pad_for_tiling",
     "tile_geometry",

@@ -27,20 +27,17 @@ Algorithm (:func:`align`; sizes are pixels across the tissue's bounding box, not
    ``affine_grid`` / ``grid_sample`` (torch, CPU), every candidate at 128 px, the best by local
    NCC then at 256 px.
 
-Measured on two ANHIR stain pairs (H&E vs IHC, 5 %) x 18 rotated / mirrored / torn / rescaled
-variants and on 8 :mod:`wsireg.synthetic.texture` pairs (``benchmarks/align_accuracy.py``): global NCC
-failed on torn tissue; an early NGF variant (not re-tuned) was far worse; a 64 px
-optimisation level was biased by torn edges; a 512 px level did not help (the residual is
-nonrigid); rank-equalised OD and inverted grey were as accurate as OD but failed one stress
-case more. About 0.8 s CPU per pair (one thread).
+Each choice above (local NCC rather than a global NCC or NGF, the 128 / 256 px optimisation
+levels, the OD representation) is the most accurate and robust of the variants
+``benchmarks/align_accuracy.py`` measures on the ANHIR stain pairs, their rotated / mirrored /
+torn / rescaled variants and synthetic pairs; README reports the figures.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -51,6 +48,7 @@ import torch.nn.functional as F
 from wsireg.core.coords import grid_to_level0_affine
 from wsireg.core.losses import box_mean_replicate, local_ncc
 from wsireg.core.stain import background_rgb, check_rgb, relative_od_magnitude, tissue_mask
+from wsireg.engine.parallel import torch_threads
 
 __all__ = [
     "AlignConfig",
@@ -415,12 +413,8 @@ def rotation_search(
     coarse: tuple[_Image, _Image],
     fine: tuple[_Image, _Image],
     frame: _Frame,
-    *,
-    families: Sequence[tuple[np.ndarray, np.ndarray]] = ((np.eye(2), np.eye(2)),),
-    angle_step_deg: float = 5.0,
-    try_flip: bool = True,
-    n_best: int = 4,
-    n_coarse: int = 16,
+    families: Sequence[tuple[np.ndarray, np.ndarray]],
+    cfg: AlignConfig,
     windows: tuple[int, int] = (5, 9),
     max_shift: float = 0.25,
 ) -> list[Candidate]:
@@ -431,13 +425,15 @@ def rotation_search(
     ``s``; see :func:`_moment_family` for another. Each pose maps the target's tissue centre to
     the source's and gets its best translation (within ``max_shift`` of the image size) by FFT
     cross-correlation of the representations locally normalised over ``windows`` (coarse, fine)
-    pixels (:func:`_best_shift`). Every ``angle_step_deg`` is scored on the ``coarse``
-    (target, source) images; the ``n_coarse`` best (distinct by 10 degrees) are re-scored, with
-    their neighbours at +-half a step, on the ``fine`` ones. Returns the ``n_best`` best
+    pixels (:func:`_best_shift`). Every ``cfg.angle_step_deg`` (mirrored too with
+    ``cfg.try_flip``) is scored on the ``coarse`` (target, source) images; the ``cfg.n_coarse``
+    best (distinct by 10 degrees) are re-scored, with their neighbours at +-half a step, on the
+    ``fine`` ones. Returns the ``cfg.n_candidates`` best
     candidates, distinct by 30 degrees within a family and flip, and not duplicates across
     families.
     """
-    flips = (False, True) if try_flip else (False,)
+    angle_step_deg = cfg.angle_step_deg
+    flips = (False, True) if cfg.try_flip else (False,)
     poses = [
         _Pose(i, float(a), f)
         for i in range(len(families))
@@ -455,7 +451,7 @@ def rotation_search(
 
     lin = linear(poses)
     _, scores = _score_poses(*coarse, frame, lin, windows[0], max_shift)
-    kept = _distinct(poses, lin, np.argsort(-scores), n_coarse, 10.0)
+    kept = _distinct(poses, lin, np.argsort(-scores), cfg.n_coarse, 10.0)
     half = angle_step_deg / 2.0
     poses = [
         _Pose(poses[k].family, (poses[k].angle_deg + da) % 360.0, poses[k].flip)
@@ -464,7 +460,7 @@ def rotation_search(
     ]
     lin = linear(poses)
     ms, scores = _score_poses(*fine, frame, lin, windows[1], max_shift)
-    chosen = _distinct(poses, lin, np.argsort(-scores), n_best, 30.0)
+    chosen = _distinct(poses, lin, np.argsort(-scores), cfg.n_candidates, 30.0)
     return [
         _polish(poses[k], lin[k], fine, frame, angle_step_deg, windows[1], max_shift)
         for k in chosen
@@ -720,20 +716,6 @@ def _best_candidate(
     return best_m, scored
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads (None: unchanged), restoring the setting after."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def align(
     source_rgb: np.ndarray,
     target_rgb: np.ndarray,
@@ -755,7 +737,7 @@ def align(
     ``source_name`` / ``target_name``) when an image has no tissue.
     """
     cfg = config or AlignConfig()
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _align(
             source_rgb,
             target_rgb,
@@ -797,11 +779,8 @@ def _align(
         (_level(target, extent, coarse), _level(source, extent, coarse)),
         (_level(target, extent, fine), _level(source, extent, fine)),
         frame,
-        families=families,
-        angle_step_deg=cfg.angle_step_deg,
-        try_flip=cfg.try_flip,
-        n_best=cfg.n_candidates,
-        n_coarse=cfg.n_coarse,
+        families,
+        cfg,
         windows=(_odd(cfg.window_fraction * coarse), _odd(cfg.window_fraction * fine)),
     )
     timings["search"] = time.perf_counter() - t0

@@ -1,47 +1,61 @@
 """The streaming patch scheduler: Algorithm 1 (inference) out of core, level by level.
 
 Pyramid: ``levels`` grids of the target slide at downsamples ``d_k = d_fine * 2^(N-1-k)``,
-``k = 0`` coarsest (:mod:`wsireg.core.coords` grids). Each level owns a displacement field on disk,
-``field-k.zarr`` ``(2, H_k, W_k)`` in level-0 pixels (the transform convention), so that
-``T_k(x) = A (x + u_k(x))``. For level ``k`` the scheduler walks the target grid in blocks of
-``block`` pixels (the dask ``map_overlap`` model: block + halo, compute, trim):
+``k = 0`` coarsest (:mod:`wsireg.core.coords` grids). Each level owns a displacement field on disk
+``(2, H_k, W_k)`` in level-0 pixels (the transform convention), so that
+``T_k(x) = A (x + u_k(x))``; the finest level's field is written where the caller says (a
+transform directory's ``field.zarr``: nothing is copied afterwards), the coarser ones in a work
+directory (:class:`FieldStore`). For level ``k`` the scheduler walks the target grid in blocks
+of ``block`` pixels (:func:`wsireg.core.blocks.blocks`), each as dask's ``map_overlap`` does
+(halo, compute, trim), one step per function:
 
-1. read the target block plus a halo of ``extra`` pixels (:func:`wsireg.engine.warp.warp_block` through
-   the identity: area-averaged from the closest slide level) and the source through the coarser
-   level's transform ``T_{k-1}`` (the same block function as the final warp: source pixels are
-   interpolated once; ``u_{k-1}`` is upsampled chunk by chunk by the transform);
-2. skip it when neither image has tissue there; else run the level's network
-   (:func:`wsireg.model.inference.register_level`: unfold P/S, G-sized groups, centres, fold, compose
-   M times) and, with ``refine`` steps, instance optimisation (:mod:`wsireg.model.refine`), giving
-   ``v`` in pixels of the level;
-3. compose ``u_k(x) = d_k v(x) + u_{k-1}(x + d_k v(x))`` (level-0 units), trim the halo and
-   write the block's field chunks.
+1. **halo** (:meth:`_Level.block`): the span of patch centres around the block
+   (:func:`wsireg.core.blocks.axis_window`, ``extra`` pixels of context);
+2. **read** (:meth:`_Level.read`): the target over that span
+   (:func:`wsireg.engine.warp.warp_block` through the identity: area-averaged from the closest
+   slide level) and the source through the coarser level's transform ``T_{k-1}`` (the same
+   block function as the final warp: source pixels are interpolated once; ``u_{k-1}`` is
+   upsampled chunk by chunk by the transform);
+3. **compute** (:meth:`_Level.estimate`): nothing when neither image has tissue there; else the
+   level's network (:func:`wsireg.model.inference.register_level`: unfold P/S, G-sized groups,
+   centres, fold, compose M times) and, with ``refine`` steps, instance optimisation
+   (:mod:`wsireg.model.refine`), giving ``v`` in pixels of the level;
+4. **trim** (:func:`_trim`) the halo off ``v``, and **compose**
+   (:meth:`_Level.compose`) ``u_k(x) = d_k v(x) + u_{k-1}(x + d_k v(x))`` (level-0 units);
+5. **write** (:func:`_write`) the block's field chunks and log the block as done.
 
-The next block's reads are prefetched in a thread while the network runs. Finished blocks are
-listed in ``done-k.txt``, so ``resume`` skips them (the result does not change: every block
-depends only on the previous level's field and the slides). Nothing holds a whole level.
+The next block's reads are prefetched in a thread while the current one is computed
+(:func:`_prefetched`). Finished blocks are listed in ``done-k.txt``, so ``resume`` skips them
+(the result does not change: every block depends only on the previous level's field and the
+slides). Nothing holds a whole level.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
+import zarr
 
 from wsireg.core.blocks import AxisWindow, axis_window, blocks, count_blocks
 from wsireg.core.coords import to_level0
 from wsireg.core.stain import has_tissue, network_input
 from wsireg.engine.transform import SlideRef, Stage, Transform, create_field
 from wsireg.engine.warp import warp_block
-from wsireg.model.inference import DEFAULTS, PatchCounts, register_level
+from wsireg.io.slide import Slide
+from wsireg.model.inference import DEFAULTS, InferenceSettings, PatchCounts, register_level
+from wsireg.model.network import MultiLevelModel, UNet
 from wsireg.model.refine import RefineSettings, refine_field
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -49,25 +63,54 @@ class SchedulerSettings:
     """Algorithm 1's parameters and the streaming geometry."""
 
     levels: int = 3
-    """``N``: pyramid levels, ending at the finest downsample."""
-    iterations: int = DEFAULTS.iterations
-    """``M``: network passes per level."""
-    patch: int = DEFAULTS.patch
-    """``P``: patch side (pixels of a level)."""
-    stride: int = DEFAULTS.stride
-    """``S``: stride, side of the kept centres."""
-    group: int = DEFAULTS.group
-    """``G``: patches per network call."""
+    """``N``: pyramid levels, ending at ``finest_downsample``."""
+    finest_downsample: float = 1.0
+    """Level-0 target pixels per pixel of the finest field."""
+    inference: InferenceSettings = DEFAULTS
+    """``M``, ``P``, ``S``, ``G``, the network input, smoothing and flip averaging."""
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    """Instance optimisation per block (0 steps: none)."""
     block: int = 1024
     """Side of a scheduler block (pixels of a level; a multiple of ``S`` and of 256)."""
     extra: int = 64
     """Halo beyond the block whose patches give context and are then trimmed (pixels)."""
-    representation: str = DEFAULTS.representation
-    smoothing: float = DEFAULTS.smoothing
-    """Gaussian standard deviation (px of a level) on each iteration's network field."""
-    flip_average: bool = DEFAULTS.flip_average
-    """Average each patch's prediction over its four flips (4x the network time)."""
-    refine: RefineSettings = field(default_factory=RefineSettings)
+
+    def __post_init__(self) -> None:
+        if self.block % self.inference.stride or self.block % 256:
+            raise ValueError(f"block {self.block} must be a multiple of the stride and of 256")
+
+    def downsamples(self) -> list[float]:
+        """Downsamples of the pyramid, coarsest first."""
+        return level_downsamples(self.finest_downsample, self.levels)
+
+
+@dataclass(frozen=True)
+class SlidePair:
+    """The slides a registration reads and the identities its transform records.
+
+    ``source`` / ``target`` are what is read (the slides, or pyramids built from them);
+    ``source_ref`` / ``target_ref`` identify the slides themselves (same level-0 size).
+    """
+
+    source: Slide
+    target: Slide
+    source_ref: SlideRef
+    target_ref: SlideRef
+
+
+@dataclass(frozen=True)
+class FieldStore:
+    """Where the fields of the pyramid go: the finest level's at ``finest`` (e.g.
+    ``transform/field.zarr``), the coarser ones and every level's ``done-k.txt`` in ``work``."""
+
+    work: Path
+    finest: Path
+
+    def field(self, level: int, levels: int) -> Path:
+        return self.finest if level == levels - 1 else self.work / f"field-{level}.zarr"
+
+    def done(self, level: int) -> Path:
+        return self.work / f"done-{level}.txt"
 
 
 @dataclass
@@ -105,11 +148,11 @@ def grid_shape(ref: SlideRef, downsample: float) -> tuple[int, int]:
     return (math.ceil(ref.shape[0] / downsample), math.ceil(ref.shape[1] / downsample))
 
 
-def _networks(model: Any, levels: int) -> list[Any]:
-    """The network of each pyramid level (coarsest first): the model's finest ``levels``;
-    levels coarser than the model's coarsest network get none (``None``: instance
-    optimisation alone there; a network run at a scale it was not trained for made the demo's
-    error 3x worse). ``None`` everywhere without a model."""
+def _networks(model: MultiLevelModel | None, levels: int) -> list[UNet | None]:
+    """The network of each pyramid level (coarsest first): the model's finest ``levels``.
+    Levels coarser than the model's coarsest network get none (``None``: instance
+    optimisation alone there), since a network is not run at a scale it was not trained for.
+    ``None`` everywhere without a model."""
     if model is None:
         return [None] * levels
     nets = [model[k] for k in range(model.num_levels)]
@@ -118,94 +161,97 @@ def _networks(model: Any, levels: int) -> list[Any]:
     return [None] * (levels - len(nets)) + nets
 
 
-@dataclass
-class _Reads:
-    """The two images of one block (with halo), as read from the slides."""
+class _Progress:
+    """Blocks done over all levels, reported to ``on_block(done, total)``."""
 
-    target: np.ndarray
-    source: np.ndarray
-    seconds: float
+    def __init__(self, total: int, on_block: Callable[[int, int], None] | None) -> None:
+        self.total, self.done, self.on_block = total, 0, on_block
+
+    def skip(self, count: int) -> None:
+        self.done += count
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.on_block is not None:
+            self.on_block(self.done, self.total)
 
 
 def estimate_field(
-    source: Any,
-    target: Any,
+    slides: SlidePair,
     affine: np.ndarray,
-    finest_downsample: float,
-    workdir: Path,
+    store: FieldStore,
+    settings: SchedulerSettings,
     *,
-    model: Any = None,
-    settings: SchedulerSettings | None = None,
+    model: MultiLevelModel | None = None,
     device: str = "cpu",
     resume: bool = False,
     on_block: Callable[[int, int], None] | None = None,
 ) -> tuple[Transform, list[LevelReport]]:
-    """Algorithm 1 (inference) out of core: the transform ``A (x + u(x))`` of ``source`` onto
-    ``target`` with ``u`` estimated down to ``finest_downsample`` (level-0 target pixels per
-    field pixel). ``model``: a :class:`wsireg.model.network.MultiLevelModel` or ``None`` (pure
-    instance optimisation; needs ``settings.refine.steps > 0`` to move anything).
-    ``on_block(done, total)`` reports progress. Fields are written under ``workdir``.
-    """
-    cfg = settings or SchedulerSettings()
-    if cfg.block % cfg.stride or cfg.block % 256:
-        raise ValueError(f"block {cfg.block} must be a multiple of the stride and of 256")
-    workdir.mkdir(parents=True, exist_ok=True)
-    target_ref, source_ref = SlideRef.from_slide(target), SlideRef.from_slide(source)
-    nets = _networks(model, cfg.levels)
+    """Algorithm 1 (inference) out of core: the transform ``A (x + u(x))`` of ``slides.source``
+    onto ``slides.target`` with ``u`` estimated down to ``settings.finest_downsample``, its
+    field at ``store.finest``. ``model``: the networks, or ``None`` (pure instance
+    optimisation; needs ``settings.refine.steps > 0`` to move anything). ``resume`` keeps the
+    blocks a killed run finished. ``on_block(done, total)`` reports progress."""
+    store.work.mkdir(parents=True, exist_ok=True)
+    nets = _networks(model, settings.levels)
     for net in nets:
         if net is not None:
             net.to(device).eval()
-    downsamples = level_downsamples(finest_downsample, cfg.levels)
-    total = sum(count_blocks(grid_shape(target_ref, d), cfg.block) for d in downsamples)
-    done_blocks = 0
+    downsamples = settings.downsamples()
+    total = sum(count_blocks(grid_shape(slides.target_ref, d), settings.block) for d in downsamples)
+    counter = _Progress(total, on_block)
     previous = Stage(affine)
     reports = []
     for k, d in enumerate(downsamples):
-        shape = grid_shape(target_ref, d)
-        report = LevelReport(k, d, shape)
-        start = time.perf_counter()
-        field_path = workdir / f"field-{k}.zarr"
-        done_path = workdir / f"done-{k}.txt"
-        finished = _read_done(done_path) if resume and field_path.exists() else set()
-        if finished:
-            import zarr
-
-            u = zarr.open_array(str(field_path), mode="r+")
-        else:
-            done_path.unlink(missing_ok=True)
-            u = create_field(field_path, shape, d)
         level = _Level(
-            k, d, shape, cfg, nets[k], device, previous, source, target, source_ref, target_ref
+            k, d, grid_shape(slides.target_ref, d), settings, nets[k], device, previous, slides
         )
-        todo = []
-        for index, blk in enumerate(blocks(shape, cfg.block)):
-            if index in finished:
-                report.resumed += 1
-            else:
-                todo.append((index, blk))
-        done_blocks += report.resumed
-        with ThreadPoolExecutor(max_workers=1) as pool, open(done_path, "a") as done_file:
-            future = pool.submit(level.read, *todo[0][1]) if todo else None
-            for position, (index, blk) in enumerate(todo):
-                assert future is not None
-                reads = future.result()
-                if position + 1 < len(todo):  # prefetch the next block while this one runs
-                    future = pool.submit(level.read, *todo[position + 1][1])
-                report.read_s += reads.seconds
-                block_field = level.compute(blk, reads, report)
-                y0, x0, h, w = blk
-                u[:, y0 : y0 + h, x0 : x0 + w] = block_field
-                done_file.write(f"{index}\n")
-                done_file.flush()
-                report.blocks += 1
-                done_blocks += 1
-                if on_block is not None:
-                    on_block(done_blocks, total)
-        report.seconds = time.perf_counter() - start
+        u, report = _run_level(level, store, resume, counter)
         reports.append(report)
         previous = Stage(affine, u, d)
-    transform = Transform([previous], target_ref, source_ref)
-    return transform, reports
+    return Transform([previous], slides.target_ref, slides.source_ref), reports
+
+
+def _run_level(
+    level: _Level, store: FieldStore, resume: bool, counter: _Progress
+) -> tuple[zarr.Array, LevelReport]:
+    """Every block of one level: read (prefetched) -> compute -> trim -> compose -> write."""
+    report = LevelReport(level.index, level.downsample, level.shape)
+    start = time.perf_counter()
+    done_path = store.done(level.index)
+    field_path = store.field(level.index, level.settings.levels)
+    u, finished = _level_field(field_path, done_path, level, resume)
+    todo = []
+    for index, box in enumerate(blocks(level.shape, level.settings.block)):
+        if index in finished:
+            report.resumed += 1
+        else:
+            todo.append(level.block(index, box))
+    counter.skip(report.resumed)
+    with open(done_path, "a") as done_log:
+        for block, reads in _prefetched(level.read, todo):
+            report.read_s += reads.seconds
+            v = level.estimate(reads, report)
+            _write(u, block, level.compose(_trim(v, block), block))
+            done_log.write(f"{block.index}\n")
+            done_log.flush()
+            report.blocks += 1
+            counter.advance()
+    report.seconds = time.perf_counter() - start
+    return u, report
+
+
+def _level_field(
+    path: Path, done_path: Path, level: _Level, resume: bool
+) -> tuple[zarr.Array, set[int]]:
+    """The level's field and the blocks already in it: those a killed run finished when
+    resuming, else none (a new, zero field)."""
+    finished = _read_done(done_path) if resume and path.exists() else set()
+    if finished:
+        return zarr.open_array(str(path), mode="r+"), finished
+    done_path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return create_field(path, level.shape, level.downsample), set()
 
 
 def _read_done(path: Path) -> set[int]:
@@ -215,92 +261,125 @@ def _read_done(path: Path) -> set[int]:
         return set()
 
 
+def _prefetched(read: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[T, R]]:
+    """``(item, read(item))`` in order; the next item's read runs in a thread while the caller
+    works on the current one."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read, items[0])
+        for position, item in enumerate(items):
+            result = future.result()
+            if position + 1 < len(items):
+                future = pool.submit(read, items[position + 1])
+            yield item, result
+
+
+class _Block(NamedTuple):
+    """One block of a level and its halo: ``box = (y0, x0, h, w)``, and per axis the span of
+    patch centres read around it."""
+
+    index: int
+    box: tuple[int, int, int, int]
+    rows: AxisWindow
+    cols: AxisWindow
+
+
+@dataclass
+class _Reads:
+    """The two images of one block over its halo span, as read from the slides."""
+
+    target: np.ndarray
+    source: np.ndarray
+    seconds: float
+
+
+def _trim(v: torch.Tensor | None, block: _Block) -> np.ndarray:
+    """``v`` (1, 2, span) cut back to the block (2, h, w), pixels of the level; zero where
+    nothing was estimated."""
+    _, _, h, w = block.box
+    if v is None:
+        return np.zeros((2, h, w))
+    return v[0, :, block.rows.trim, block.cols.trim].detach().cpu().double().numpy()
+
+
+def _write(u: zarr.Array, block: _Block, u_block: np.ndarray) -> None:
+    y0, x0, h, w = block.box
+    u[:, y0 : y0 + h, x0 : x0 + w] = u_block
+
+
 @dataclass
 class _Level:
-    """One pyramid level: reads and computes its blocks."""
+    """One pyramid level: the halo, read, compute and compose steps of its blocks."""
 
     index: int
     downsample: float
     shape: tuple[int, int]
-    cfg: SchedulerSettings
-    net: Any
+    settings: SchedulerSettings
+    net: UNet | None
     device: str
     previous: Stage
-    source: Any
-    target: Any
-    source_ref: SlideRef
-    target_ref: SlideRef
+    slides: SlidePair
 
-    def window(self, y0: int, x0: int, h: int, w: int) -> tuple[AxisWindow, ...]:
-        cfg = self.cfg
-        rows = axis_window(y0, y0 + h, self.shape[0], cfg.patch, cfg.stride, cfg.extra)
-        cols = axis_window(x0, x0 + w, self.shape[1], cfg.patch, cfg.stride, cfg.extra)
-        return rows, cols
+    def block(self, index: int, box: tuple[int, int, int, int]) -> _Block:
+        """The block and its halo (the span of patch centres to read around it)."""
+        y0, x0, h, w = box
+        cfg = self.settings.inference
+        extra = self.settings.extra
+        rows = axis_window(y0, y0 + h, self.shape[0], cfg.patch, cfg.stride, extra)
+        cols = axis_window(x0, x0 + w, self.shape[1], cfg.patch, cfg.stride, extra)
+        return _Block(index, box, rows, cols)
 
-    def read(self, y0: int, x0: int, h: int, w: int) -> _Reads:
-        """Target and warped source over the block's centre span (block + halo)."""
+    def read(self, block: _Block) -> _Reads:
+        """Target and warped source over the block's halo span."""
         start = time.perf_counter()
-        rows, cols = self.window(y0, x0, h, w)
-        ry, rx = rows.centre_start, cols.centre_start
-        rh, rw = rows.centre_stop - ry, cols.centre_stop - rx
-        identity = Transform([Stage(np.eye(3))], self.target_ref, self.target_ref)
-        target = warp_block(identity, self.target, ry, rx, rh, rw, self.downsample)
-        moving = Transform([self.previous], self.target_ref, self.source_ref)
-        source = warp_block(moving, self.source, ry, rx, rh, rw, self.downsample)
+        ry, rx = block.rows.centre_start, block.cols.centre_start
+        rh, rw = block.rows.centre_stop - ry, block.cols.centre_stop - rx
+        target_ref, source_ref = self.slides.target_ref, self.slides.source_ref
+        identity = Transform([Stage(np.eye(3))], target_ref, target_ref)
+        span = (ry, rx, rh, rw)
+        target = warp_block(identity, self.slides.target, span, self.downsample)
+        moving = Transform([self.previous], target_ref, source_ref)
+        source = warp_block(moving, self.slides.source, span, self.downsample)
         return _Reads(target, source, time.perf_counter() - start)
 
-    def compute(
-        self, blk: tuple[int, int, int, int], reads: _Reads, report: LevelReport
-    ) -> np.ndarray:
-        """The block's composed field ``u_k`` (2, h, w), level-0 pixels."""
-        y0, x0, h, w = blk
-        rows, cols = self.window(y0, x0, h, w)
-        fixed = _to_tensor(reads.target, self.cfg.representation, self.device)
-        moving = _to_tensor(reads.source, self.cfg.representation, self.device)
-        v = None
-        if _has_tissue(fixed) or _has_tissue(moving):
-            v = self._estimate(moving, fixed, report)
-        else:
+    def estimate(self, reads: _Reads, report: LevelReport) -> torch.Tensor | None:
+        """``v`` (1, 2, span) over the halo span, pixels of the level: the network's, then
+        refined; ``None`` when neither image has tissue there."""
+        representation = self.settings.inference.representation
+        fixed = _to_tensor(reads.target, representation, self.device)
+        moving = _to_tensor(reads.source, representation, self.device)
+        if not (_has_tissue(fixed) or _has_tissue(moving)):
             report.skipped += 1
-        v_block = (
-            np.zeros((2, h, w))
-            if v is None
-            else v[0, :, rows.trim, cols.trim].detach().cpu().double().numpy()
-        )
-        return self._compose(v_block * self.downsample, y0, x0, h, w)
-
-    def _estimate(self, moving: torch.Tensor, fixed: torch.Tensor, report: LevelReport) -> Any:
-        cfg = self.cfg
+            return None
         v = None
         if self.net is not None:
-            start = time.perf_counter()
-            counts = PatchCounts()
-            with torch.inference_mode():
-                v = register_level(
-                    self.net,
-                    moving,
-                    fixed,
-                    iterations=cfg.iterations,
-                    patch=cfg.patch,
-                    stride=cfg.stride,
-                    group=cfg.group,
-                    counts=counts,
-                    smoothing=cfg.smoothing,
-                    flip_average=cfg.flip_average,
-                )
-            v = v.clone()  # leave inference mode: refinement needs autograd
-            report.network_s += time.perf_counter() - start
-            report.patches += counts.run
-            report.background_patches += counts.skipped
-        steps = cfg.refine.steps_at(self.index)
+            v = self._network(moving, fixed, report)
+        steps = self.settings.refine.steps_at(self.index)
         if steps > 0:
             start = time.perf_counter()
-            v = refine_field(moving, fixed, v, replace(cfg.refine, steps=steps))
+            v = refine_field(moving, fixed, v, replace(self.settings.refine, steps=steps))
             report.refine_s += time.perf_counter() - start
         return v
 
-    def _compose(self, v0: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """``u_k(x) = v(x) + u_{k-1}(x + v(x))`` on the block (all level-0 pixels)."""
+    def _network(
+        self, moving: torch.Tensor, fixed: torch.Tensor, report: LevelReport
+    ) -> torch.Tensor:
+        assert self.net is not None
+        start = time.perf_counter()
+        counts = PatchCounts()
+        with torch.inference_mode():
+            v = register_level(self.net, moving, fixed, self.settings.inference, counts)
+        report.network_s += time.perf_counter() - start
+        report.patches += counts.run
+        report.background_patches += counts.skipped
+        return v.clone()  # leave inference mode: refinement needs autograd
+
+    def compose(self, v: np.ndarray, block: _Block) -> np.ndarray:
+        """``u_k(x) = d v(x) + u_{k-1}(x + d v(x))`` (2, h, w) float32 on the block, level-0
+        pixels, from ``v`` (2, h, w) in pixels of the level."""
+        y0, x0, h, w = block.box
+        v0 = v * self.downsample
         xs = to_level0(np.arange(x0, x0 + w), self.downsample)
         ys = to_level0(np.arange(y0, y0 + h), self.downsample)
         gx, gy = np.meshgrid(xs, ys)

@@ -2,9 +2,11 @@
 
 A :class:`Transform` maps level-0 positions of the **target** (fixed) slide to level-0 positions
 of the **source** (moving) slide, ``T(x) = A @ (x + u(x))`` (the convention of
-:mod:`wsireg.core.coords`). It is a chain of :class:`Stage` s, applied first to last, so that the
-transforms of serial sections compose without resampling anything: source pixels are
-interpolated once, whatever the number of stages.
+:mod:`wsireg.core.coords`). Points go either way, named by where they start and end:
+``map_points(points, "target_to_source")`` is ``T``, ``"source_to_target"`` is ``T^-1``.
+It is a chain of :class:`Stage` s, applied first to last, so that the transforms of serial
+sections compose without resampling anything: source pixels are interpolated once, whatever
+the number of stages.
 
 On disk a transform is a directory::
 
@@ -25,17 +27,28 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import cv2
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
 
 from wsireg.core.coords import from_level0, to_level0
 from wsireg.errors import TransformError
+from wsireg.io.output import staged_output
+from wsireg.io.slide import Slide
 
 FORMAT_VERSION = 1
 FIELD_UNITS = "level-0 pixels"
 #: Largest field window (bytes) read at once to map scattered points.
 POINT_WINDOW_BYTES = 64 << 20
+
+#: A displacement field ``(2, H_d, W_d)``: on disk (zarr) or in memory.
+FieldArray = zarr.Array | np.ndarray
+#: Which way :meth:`Transform.map_points` maps: ``T`` or ``T^-1``.
+Direction = Literal["target_to_source", "source_to_target"]
+DIRECTIONS: tuple[Direction, ...] = ("target_to_source", "source_to_target")
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class SlideRef:
     levels: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_slide(cls, slide: Any) -> SlideRef:
+    def from_slide(cls, slide: Slide) -> SlideRef:
         return cls(
             path=str(slide.path),
             shape=tuple(slide.level_shape(0)),
@@ -97,7 +110,7 @@ class Stage:
     """
 
     affine: np.ndarray
-    field: Any = None
+    field: FieldArray | None = None
     field_downsample: float = 1.0
 
     def __post_init__(self) -> None:
@@ -118,15 +131,17 @@ class Stage:
         gy = from_level0(points[:, 1], d)
         return _bilinear_points(self.field, gx, gy)
 
-    def map_points(self, points: np.ndarray) -> np.ndarray:
+    def target_to_source(self, points: np.ndarray) -> np.ndarray:
+        """``A (x + u(x))`` at level-0 ``points`` (N, 2)."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         moved = points + self.displacement(points)
         return _apply_affine(self.affine, moved)
 
-    def invert_points(
-        self, targets: np.ndarray, iterations: int = 100, tol: float = 1e-4
+    def source_to_target(
+        self, points: np.ndarray, iterations: int = 100, tol: float = 1e-4
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Solve ``A (x + u(x)) = p`` for x, point by point (vectorised).
+        """Solve ``A (x + u(x)) = p`` for x at level-0 source ``points`` p, point by point
+        (vectorised).
 
         With ``q = A^-1 p`` the equation is ``F(x) = x + u(x) - q = 0``. The iteration starts
         with fixed-point steps ``x <- q - u(x)`` (convergent where ``u`` is a contraction,
@@ -136,12 +151,12 @@ class Stage:
         stretches or compresses strongly but does not fold. Returns ``(x, residual)`` with the
         residual ``|T(x) - p|`` in level-0 pixels of the source, per point.
         """
-        targets = np.asarray(targets, dtype=np.float64).reshape(-1, 2)
-        q = _apply_affine(np.linalg.inv(self.affine), targets)
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        q = _apply_affine(np.linalg.inv(self.affine), points)
         x = q.copy()
         if self.field is not None and len(x):
             x = self._solve(q, iterations, tol)
-        residual = np.linalg.norm(self.map_points(x) - targets, axis=1)
+        residual = np.linalg.norm(self.target_to_source(x) - points, axis=1)
         return x, residual
 
     def _solve(self, q: np.ndarray, iterations: int, tol: float) -> np.ndarray:
@@ -201,8 +216,6 @@ class Stage:
         """
         if self.field is None:
             return None
-        import cv2
-
         d = self.field_downsample
         # An output much coarser than the field reads every `step`-th node only (bounded
         # memory for thumbnails and coarse levels of a huge field; u is smooth at that scale).
@@ -224,7 +237,7 @@ class Stage:
 
 
 def read_field_window(
-    fld: Any, iy0: int, iy1: int, ix0: int, ix1: int, step: int = 1
+    fld: FieldArray, iy0: int, iy1: int, ix0: int, ix1: int, step: int = 1
 ) -> np.ndarray:
     """Field nodes ``[:, iy0:iy1:step, ix0:ix1:step]``; indices past the field are clamped to
     its edge (edge nodes replicated). Reads one strided window."""
@@ -242,13 +255,13 @@ def read_field_window(
     return window[:, np.searchsorted(inside_y, ry)[:, None], np.searchsorted(inside_x, rx)[None, :]]
 
 
-def _orthogonal(fld: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _orthogonal(fld: FieldArray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     if hasattr(fld, "get_orthogonal_selection"):
         return np.asarray(fld.get_orthogonal_selection((slice(None), rows, cols)), np.float64)
     return np.asarray(fld, dtype=np.float64)[:, rows[:, None], cols[None, :]]
 
 
-def _bilinear_points(fld: Any, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+def _bilinear_points(fld: FieldArray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     """Bilinear field values (N, 2) at continuous node coordinates, edges replicated."""
     _, H, W = fld.shape
     gx = np.clip(gx, 0, W - 1)
@@ -279,7 +292,9 @@ def _bilinear_points(fld: Any, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     return (top * (1 - fy) + bottom * fy).T
 
 
-def _coordinate_selection(fld: Any, channel: int, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+def _coordinate_selection(
+    fld: FieldArray, channel: int, iy: np.ndarray, ix: np.ndarray
+) -> np.ndarray:
     if hasattr(fld, "get_coordinate_selection"):
         return fld.get_coordinate_selection((np.full_like(iy, channel), iy, ix))
     return np.asarray(fld)[channel, iy, ix]
@@ -318,7 +333,7 @@ class Transform:
     def from_field(
         cls,
         affine: np.ndarray,
-        fld: Any,
+        fld: FieldArray,
         field_downsample: float,
         target: SlideRef,
         source: SlideRef,
@@ -352,28 +367,34 @@ class Transform:
     def map_points(
         self,
         points: np.ndarray,
-        direction: str = "forward",
+        direction: Direction,
         iterations: int = 100,
         tol: float = 1e-4,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Map level-0 points ``(N, 2)`` ``(x, y)``; returns ``(mapped, residual)``.
 
-        ``direction="forward"``: target -> source, ``T(x)`` (residual 0).
-        ``direction="inverse"``: source -> target, ``T^-1(p)`` by fixed-point iteration stage
-        by stage (last stage first); ``residual`` is ``|T(x) - p|`` in source level-0 pixels.
+        ``"target_to_source"``: ``T(x)``, exact (residual 0). ``"source_to_target"``:
+        ``T^-1(p)``, solved stage by stage (last stage first, :meth:`Stage.source_to_target`);
+        ``residual`` is ``|T(x) - p|`` in source level-0 pixels.
         """
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        if direction == "forward":
+        if direction == "target_to_source":
             for stage in self.stages:
-                points = stage.map_points(points)
+                points = stage.target_to_source(points)
             return points, np.zeros(len(points))
-        if direction != "inverse":
-            raise ValueError(f"direction must be 'forward' or 'inverse', not {direction!r}")
+        if direction != "source_to_target":
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
         original = points
         for stage in reversed(self.stages):
-            points, _ = stage.invert_points(points, iterations, tol)
-        forward, _ = self.map_points(points, "forward")
+            points, _ = stage.source_to_target(points, iterations, tol)
+        forward, _ = self.map_points(points, "target_to_source")
         return points, np.linalg.norm(forward - original, axis=1)
+
+    @property
+    def initial_affine(self) -> np.ndarray:
+        """The first stage's affine ``A`` (3x3): for a registration's transform
+        ``T(x) = A (x + u(x))``, the initial (affine) alignment."""
+        return self.stages[0].affine
 
     # -- blocks of an output grid --------------------------------------------------------------
     def source_coordinates(self, y0: int, x0: int, h: int, w: int, downsample: float) -> np.ndarray:
@@ -389,104 +410,146 @@ class Transform:
             coords += u
         coords = _apply_affine(first.affine, coords)
         for stage in self.stages[1:]:
-            coords = stage.map_points(coords.reshape(-1, 2)).reshape(h, w, 2)
+            coords = stage.target_to_source(coords.reshape(-1, 2)).reshape(h, w, 2)
         return coords
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``transform.json`` and the fields into the directory ``path`` (staged)."""
-        from wsireg.io.output import staged_output
-
+        """Write ``transform.json`` and a copy of every field into the directory ``path``
+        (staged: it appears complete or not at all)."""
         path = Path(path)
         with staged_output(path, overwrite) as stage_dir:
             stage_dir.mkdir(parents=True)
-            stages_json = []
             for index, stage in enumerate(self.stages):
-                entry: dict[str, Any] = {"affine": stage.affine.tolist(), "field": None}
                 if stage.field is not None:
-                    name = "field.zarr" if index == 0 else f"field-{index}.zarr"
-                    copy_field(stage.field, stage_dir / name, stage.field_downsample)
-                    entry.update(
-                        field=name,
-                        field_downsample=stage.field_downsample,
-                        field_units=FIELD_UNITS,
-                        field_shape=list(stage.field.shape[1:]),
-                    )
-                stages_json.append(entry)
-            document = {
-                "format": "wsireg-transform",
-                "format_version": FORMAT_VERSION,
-                "convention": "T(x) = A (x + u(x)) maps target level-0 (x, y) to source "
-                "level-0 (x, y); stages are applied first to last",
-                "target": self.target.to_json(),
-                "source": self.source.to_json(),
-                "stages": stages_json,
-                "parameters": self.parameters,
-            }
-            (stage_dir / "transform.json").write_text(json.dumps(document, indent=2))
+                    copy_field(stage.field, stage_dir / field_name(index), stage.field_downsample)
+            self._write_document(stage_dir)
         self.path = path
         return path
+
+    def write_document(self, directory: str | Path) -> Path:
+        """Write ``transform.json`` into ``directory``, which already holds the fields where
+        :func:`field_name` puts them (e.g. estimated there by the scheduler): nothing is
+        copied. The caller stages ``directory``."""
+        directory = Path(directory)
+        for index, stage in enumerate(self.stages):
+            where = _stored_at(stage.field)
+            if stage.field is not None and where != (directory / field_name(index)).resolve():
+                raise ValueError(f"stage {index}'s field is not {directory / field_name(index)}")
+        self._write_document(directory)
+        self.path = directory
+        return directory
+
+    def _write_document(self, directory: Path) -> None:
+        stages_json = []
+        for index, stage in enumerate(self.stages):
+            entry: dict[str, Any] = {"affine": stage.affine.tolist(), "field": None}
+            if stage.field is not None:
+                entry.update(
+                    field=field_name(index),
+                    field_downsample=stage.field_downsample,
+                    field_units=FIELD_UNITS,
+                    field_shape=list(stage.field.shape[1:]),
+                )
+            stages_json.append(entry)
+        document = {
+            "format": "wsireg-transform",
+            "format_version": FORMAT_VERSION,
+            "convention": "T(x) = A (x + u(x)) maps target level-0 (x, y) to source "
+            "level-0 (x, y); stages are applied first to last",
+            "target": self.target.to_json(),
+            "source": self.source.to_json(),
+            "stages": stages_json,
+            "parameters": self.parameters,
+        }
+        (directory / "transform.json").write_text(json.dumps(document, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> Transform:
         """Read a transform directory (or its ``transform.json``); fields stay on disk."""
-        import zarr
-
         path = Path(path)
         if path.name == "transform.json":
             path = path.parent
         elif (path / "transform" / "transform.json").is_file():  # a `wsireg register` output
             path = path / "transform"
-        doc_path = path / "transform.json"
         if not path.exists():
             raise TransformError(path, "no such transform directory")
+        doc_path = path / "transform.json"
         if not doc_path.is_file():
             raise TransformError(path, "not a transform: transform.json is missing")
-        try:
-            document = json.loads(doc_path.read_text())
-            if document.get("format") != "wsireg-transform":
-                raise ValueError("not a wsireg transform document")
-            if int(document["format_version"]) > FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {document['format_version']} is newer than this wsireg"
-                )
-            target = SlideRef.from_json(document["target"])
-            source = SlideRef.from_json(document["source"])
-            raw_stages = document["stages"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TransformError(doc_path, f"corrupted transform.json: {exc}") from exc
+        document = _read_document(doc_path)
         stages = []
-        for entry in raw_stages:
-            fld = None
-            if entry.get("field"):
-                fpath = path / entry["field"]
-                try:
-                    fld = zarr.open_array(fpath, mode="r")
-                except Exception as exc:
-                    raise TransformError(fpath, f"missing or unreadable field: {exc}") from exc
-                expected = tuple(entry.get("field_shape", fld.shape[1:]))
-                if fld.ndim != 3 or fld.shape[0] != 2 or tuple(fld.shape[1:]) != expected:
-                    raise TransformError(
-                        fpath,
-                        f"field has shape {fld.shape}, expected (2, {expected[0]}, {expected[1]})",
-                    )
+        for entry in document.stages:
+            fld = _open_field(path / entry["field"], entry) if entry.get("field") else None
             try:
                 stages.append(Stage(entry["affine"], fld, float(entry.get("field_downsample", 1))))
             except (ValueError, KeyError, TypeError) as exc:
                 raise TransformError(doc_path, f"corrupted stage: {exc}") from exc
         if not stages:
             raise TransformError(doc_path, "corrupted transform.json: no stages")
-        return cls(stages, target, source, document.get("parameters", {}), path)
+        return cls(stages, document.target, document.source, document.parameters, path)
+
+
+@dataclass(frozen=True)
+class _Document:
+    """The parts of a ``transform.json``."""
+
+    target: SlideRef
+    source: SlideRef
+    stages: list[dict[str, Any]]
+    parameters: dict[str, Any]
+
+
+def _read_document(doc_path: Path) -> _Document:
+    """``transform.json``, checked for its format and version."""
+    try:
+        document = json.loads(doc_path.read_text())
+        if document.get("format") != "wsireg-transform":
+            raise ValueError("not a wsireg transform document")
+        version = int(document["format_version"])
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format version {version} is newer than this wsireg")
+        return _Document(
+            SlideRef.from_json(document["target"]),
+            SlideRef.from_json(document["source"]),
+            document["stages"],
+            document.get("parameters", {}),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransformError(doc_path, f"corrupted transform.json: {exc}") from exc
+
+
+def _open_field(fpath: Path, entry: dict[str, Any]) -> zarr.Array:
+    """The field of a stage entry, opened read-only and checked against its recorded shape."""
+    try:
+        fld = zarr.open_array(fpath, mode="r")
+    except Exception as exc:
+        raise TransformError(fpath, f"missing or unreadable field: {exc}") from exc
+    expected = tuple(entry.get("field_shape", fld.shape[1:]))
+    if fld.ndim != 3 or fld.shape[0] != 2 or tuple(fld.shape[1:]) != expected:
+        raise TransformError(
+            fpath, f"field has shape {fld.shape}, expected (2, {expected[0]}, {expected[1]})"
+        )
+    return fld
+
+
+def field_name(index: int) -> str:
+    """File name of stage ``index``'s field in a transform directory."""
+    return "field.zarr" if index == 0 else f"field-{index}.zarr"
+
+
+def _stored_at(fld: FieldArray | None) -> Path | None:
+    """The directory a zarr field is stored in (None for other arrays)."""
+    if not isinstance(fld, zarr.Array) or not hasattr(fld.store, "root"):
+        return None
+    return (Path(str(fld.store.root)) / fld.path).resolve()
 
 
 def create_field(
     path: str | Path, shape: tuple[int, int], downsample: float, chunk: int = 256
-) -> Any:
+) -> zarr.Array:
     """An empty (zero) displacement field array on disk: (2, H_d, W_d) float32."""
-    import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
-
-    array = zarr.create_array(
+    return zarr.create_array(
         store=str(path),
         shape=(2, *shape),
         chunks=(2, min(chunk, shape[0]), min(chunk, shape[1])),
@@ -505,10 +568,11 @@ def create_field(
             }
         },
     )
-    return array
 
 
-def copy_field(src: Any, dest: Path, downsample: float, rows_per_step: int = 1024) -> Any:
+def copy_field(
+    src: FieldArray, dest: Path, downsample: float, rows_per_step: int = 1024
+) -> zarr.Array:
     """Copy a field (zarr or numpy) to a new zarr array at ``dest``, a band at a time."""
     out = create_field(dest, tuple(src.shape[1:]), downsample)
     for r0 in range(0, src.shape[1], rows_per_step):

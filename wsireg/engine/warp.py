@@ -7,29 +7,42 @@ region it needs from the source level closest in resolution, and resamples it (O
 Source pixels are interpolated once, whatever the number of composed stages. The registration
 scheduler uses the same function to warp the source by the current transform.
 
-:func:`warp` runs one :func:`warp_block` per output chunk as independent dask tasks (threaded
-scheduler by default, or a dask.distributed cluster), writes level 0 of an OME-Zarr chunk by
-chunk, then builds the pyramid from it (:func:`wsireg.io.ngff.build_pyramid`). The output is
-staged; ``resume`` continues a staged output left by a killed run, computing only the chunks
-that are missing (zarr writes each chunk atomically, so a chunk on disk is complete).
+:func:`warp` writes a whole output in three steps: the chunk job (:class:`_WarpJob`: one
+:func:`warp_block` per output chunk, written into level 0 of a staged OME-Zarr), the run (the
+chunk tasks on dask's threaded scheduler or a dask.distributed cluster,
+:mod:`wsireg.engine.parallel`, then the pyramid, :func:`wsireg.io.ngff.fill_pyramid`) and the
+output format (the OME-Zarr renamed into place, or streamed into an OME-TIFF). What is written
+is a :class:`WarpOptions`, where it runs an :class:`~wsireg.engine.parallel.Execution`.
+``resume`` continues a staged output left by a killed run, computing only the chunks that are
+missing (zarr writes each chunk atomically, so a chunk on disk is complete).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import zarr
 
 from wsireg.core.blocks import blocks
 from wsireg.core.coords import grid_to_level0_affine
+from wsireg.engine.options import no_overrides_left, take_overrides
+from wsireg.engine.parallel import Execution, cluster_client, map_on_cluster, run_threaded
 from wsireg.engine.transform import Transform
-from wsireg.errors import TransformError
+from wsireg.errors import InputError, TransformError
+from wsireg.io.convert import FORMATS
+from wsireg.io.ngff import ZarrLayout, create_ome_zarr, fill_pyramid, level_arrays
+from wsireg.io.output import check_output, remove, staged_output
+from wsireg.io.slide import Slide, open_slide
+from wsireg.io.tiff import write_ome_tiff_levels
+from wsireg.progress import progress
 
 #: Largest source box (pixels) one block may read; beyond it a coarser level is used.
 MAX_BOX_PIXELS = 24 << 20
@@ -53,7 +66,7 @@ def transform_scale(transform: Transform) -> float:
     return scale
 
 
-def choose_source_level(source: Any, transform: Transform, out_downsample: float) -> int:
+def choose_source_level(source: Slide, transform: Transform, out_downsample: float) -> int:
     """The coarsest source level at least as fine as one output pixel needs (OpenSlide's
     rule)."""
     return source.get_best_level_for_downsample(out_downsample * transform_scale(transform))
@@ -144,23 +157,19 @@ class _DenseMaps:
 
 def warp_block(
     transform: Transform,
-    source: Any,
-    y0: int,
-    x0: int,
-    h: int,
-    w: int,
+    source: Slide,
+    box: tuple[int, int, int, int],
     out_downsample: float = 1.0,
     *,
     source_level: int | None = None,
     interpolation: str = "linear",
 ) -> np.ndarray:
-    """Pixels ``[y0:y0+h, x0:x0+w]`` of the target grid at ``out_downsample``, taken from
-    ``source`` (a :class:`wsireg.io.slide.Slide`) through ``transform``: (h, w, 3) uint8.
+    """Pixels ``[y0:y0+h, x0:x0+w]`` (``box = (y0, x0, h, w)``) of the target grid at
+    ``out_downsample``, taken from ``source`` through ``transform``: (h, w, 3) uint8.
 
     Outside the source slide the result is white.
     """
-    import cv2
-
+    y0, x0, h, w = box
     needed = out_downsample * transform_scale(transform)
     level = source.get_best_level_for_downsample(needed) if source_level is None else source_level
     while True:
@@ -201,9 +210,38 @@ def warp_block(
 
 
 # --------------------------------------------------------------------------------------------
-# The whole slide
+# The whole slide: options, the chunk job, the run, the output format
 # --------------------------------------------------------------------------------------------
-def check_source(transform: Transform, source: Any) -> None:
+@dataclass(frozen=True)
+class WarpOptions:
+    """What a warp writes: target level ``level`` of the transform's target (0 = full
+    resolution; levels past the target slide's own are halvings), resampled with
+    ``interpolation`` (``"linear"``, or ``"nearest"`` for label masks), as ``fmt``
+    (``"ome-zarr"`` or ``"ome-tiff"``) with ``chunk`` px chunks and OME-NGFF ``ngff_version``.
+    """
+
+    level: int = 0
+    interpolation: str = "linear"
+    fmt: str = "ome-zarr"
+    chunk: int = 1024
+    ngff_version: str = "0.4"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, not {self.fmt!r}")
+
+
+def check_output_level(path: str | Path | None, level: int) -> int:
+    """``level`` when it names an output grid of the target slide at ``path``: 0 or more (past
+    the slide's own levels the grid keeps halving)."""
+    if level < 0:
+        raise InputError(path or "target", f"no level {level} (output levels are 0, 1, ...)")
+    return level
+
+
+def check_source(transform: Transform, source: Slide) -> None:
     """The source slide must have the level-0 size of the transform's source."""
     expected = tuple(transform.source.shape)
     got = tuple(source.level_shape(0))
@@ -217,14 +255,13 @@ def check_source(transform: Transform, source: Any) -> None:
 
 def output_grid(transform: Transform, level: int) -> tuple[tuple[int, int], float]:
     """Shape ``(H, W)`` and downsample of target level ``level`` (the output grid)."""
-    if level < 0:
-        raise ValueError(f"level must be >= 0, not {level}")
+    check_output_level(transform.target.path, level)
     return transform.target.level_shape(level), transform.target.level_downsample(level)
 
 
 @dataclass
 class _WarpJob:
-    """What one chunk task needs; pickles as paths so dask workers reopen everything."""
+    """One chunk task: what it needs, pickled as paths so dask workers reopen everything."""
 
     transform_path: str | None
     source_path: str
@@ -232,9 +269,9 @@ class _WarpJob:
     out_downsample: float
     source_level: int
     interpolation: str
-    transform: Any = None
-    source: Any = None
-    output: Any = None
+    transform: Transform | None = None
+    source: Slide | None = None
+    output: zarr.Array | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -245,31 +282,25 @@ class _WarpJob:
         if self.transform is None:
             self.transform = _load_transform(self.transform_path)
         if self.source is None:
-            from wsireg.io.slide import open_slide
-
             self.source = open_slide(self.source_path)
         if self.output is None:
-            import zarr
-
             self.output = zarr.open_array(self.output_path, mode="r+")
         return self
 
-    def write_chunk(self, y0: int, x0: int, h: int, w: int) -> None:
-        import cv2
-
-        cv2.setNumThreads(1)  # dask provides the parallelism
+    def write_chunk(self, box: tuple[int, int, int, int]) -> None:
+        """Warp the output chunk ``box = (y0, x0, h, w)`` and write it."""
+        cv2.setNumThreads(1)  # the scheduler provides the parallelism
         self.open()
+        assert self.transform is not None and self.source is not None and self.output is not None
         block = warp_block(
             self.transform,
             self.source,
-            y0,
-            x0,
-            h,
-            w,
+            box,
             self.out_downsample,
             source_level=self.source_level,
             interpolation=self.interpolation,
         )
+        y0, x0, h, w = box
         self.output[:, y0 : y0 + h, x0 : x0 + w] = np.moveaxis(block, -1, 0)
 
 
@@ -280,14 +311,11 @@ def _load_transform(path: str | None) -> Transform:
     return Transform.load(path)
 
 
-def existing_chunks(array: Any) -> set[tuple[int, int]]:
+def existing_chunks(array: zarr.Array) -> set[tuple[int, int]]:
     """Chunk indices ``(iy, ix)`` of a ``(C, H, W)`` zarr array (C in one chunk or per channel)
     whose every channel is on disk."""
-    import zarr
-
     store_root = Path(str(array.store.root)) / array.path
     nc = math.ceil(array.shape[0] / array.chunks[0])
-    present: dict[tuple[int, int], int] = {}
     if array.metadata.zarr_format == 3:
         encode = array.metadata.chunk_key_encoding.encode_chunk_key
     else:
@@ -296,125 +324,114 @@ def existing_chunks(array: Any) -> set[tuple[int, int]]:
         ).encode_chunk_key
     ny = math.ceil(array.shape[1] / array.chunks[1])
     nx = math.ceil(array.shape[2] / array.chunks[2])
-    for iy in range(ny):
-        for ix in range(nx):
-            count = sum((store_root / encode((c, iy, ix))).is_file() for c in range(nc))
-            present[(iy, ix)] = count
-    return {key for key, count in present.items() if count == nc}
+    return {
+        (iy, ix)
+        for iy in range(ny)
+        for ix in range(nx)
+        if all((store_root / encode((c, iy, ix))).is_file() for c in range(nc))
+    }
 
 
 def warp(
     transform: Transform | str | Path,
-    source: Any,
+    source: Slide | str | Path,
     out: str | Path,
+    options: WarpOptions | None = None,
     *,
-    level: int = 0,
-    interpolation: str = "linear",
-    fmt: str = "ome-zarr",
-    chunk: int = 1024,
-    ngff_version: str = "0.4",
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
+    execution: Execution | None = None,
     resume: bool = False,
     overwrite: bool = False,
     timings: dict[str, float] | None = None,
+    **overrides: Any,
 ) -> Path:
     """Warp ``source`` (a slide or its path) into the target space of ``transform``.
 
-    Writes a multiscale OME-Zarr (``fmt="ome-zarr"``) or a pyramidal OME-TIFF
-    (``fmt="ome-tiff"``, transcoded from a temporary OME-Zarr) of target level ``level``.
-    ``scheduler`` (address) or ``workers`` (a LocalCluster of that many processes) run the
-    chunk tasks on dask.distributed; the output is identical to the threaded run.
-    ``timings``, if given, receives the seconds of the level-0 and pyramid phases.
+    Writes a multiscale OME-Zarr or a pyramidal OME-TIFF (transcoded from a staged OME-Zarr)
+    of the target level ``options.level`` (:class:`WarpOptions`). ``execution``
+    (:class:`wsireg.engine.parallel.Execution`) runs the chunk tasks: on dask's threaded
+    scheduler (``threads`` threads), on a LocalCluster of ``workers`` processes (``threads``
+    each) or on the cluster at ``scheduler``; the output is identical either way. Keyword
+    ``overrides`` replace fields of either (``warp(t, slide, out, level=1, workers=2)``).
+    ``timings``, if given, receives the seconds of the level-0 and pyramid phases. ``resume``
+    continues a staged output of the same job left by a killed run.
     """
-    import time
-
-    from wsireg.io.ngff import build_pyramid, create_ome_zarr, write_ome_tiff_levels
-    from wsireg.io.output import check_output, commit, partial_path, remove
-    from wsireg.io.slide import open_slide
-
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
-    out = Path(out)
-    check_output(out, overwrite)
+    options = take_overrides(options or WarpOptions(), overrides)
+    execution = take_overrides(execution or Execution(), overrides)
+    no_overrides_left("warp", overrides)
+    out = check_output(out, overwrite)
     if not isinstance(transform, Transform):
         transform = Transform.load(transform)
-    slide = source if hasattr(source, "level_shape") else open_slide(source)
+    slide = source if isinstance(source, Slide) else open_slide(source)
     check_source(transform, slide)
-    shape, out_ds = output_grid(transform, level)
-    mpp = transform.target.mpp
-    if mpp is not None:
-        mpp = (mpp[0] * out_ds, mpp[1] * out_ds)
-    source_level = choose_source_level(slide, transform, out_ds)
-    zarr_out = out if fmt == "ome-zarr" else out.with_name(f"{out.name}.zarr-tmp")
-    stage = partial_path(zarr_out)
+    # an OME-TIFF is transcoded from an OME-Zarr staged beside it, then removed
+    zarr_out = out if options.fmt == "ome-zarr" else out.with_name(f"{out.name}.zarr-tmp")
+    replace_zarr = overwrite or zarr_out != out
+    timings = {} if timings is None else timings
+    with staged_output(zarr_out, replace_zarr, resume) as stage:
+        group, job = _staged_job(transform, slide, stage, options, resume)
+        done = existing_chunks(group["0"])
+        chunk = options.chunk
+        todo = [
+            c
+            for c in blocks(group["0"].shape[1:], chunk)
+            if (c[0] // chunk, c[1] // chunk) not in done
+        ]
+        start = time.perf_counter()
+        _run_chunks(job, todo, execution)
+        timings["level0_s"] = time.perf_counter() - start
+        fill_pyramid(group, "nearest" if options.interpolation == "nearest" else "mean")
+        timings["pyramid_s"] = time.perf_counter() - start - timings["level0_s"]
+        for leftover in stage.rglob("*.partial"):  # temp files of chunks killed mid-write
+            leftover.unlink()
+        (stage / _JOB_FILE).unlink()
+    if options.fmt == "ome-tiff":
+        _transcode_to_tiff(zarr_out, out, _output_mpp(transform, job.out_downsample), overwrite)
+    return out
+
+
+def _staged_job(
+    transform: Transform, slide: Slide, stage: Path, options: WarpOptions, resume: bool
+) -> tuple[zarr.Group, _WarpJob]:
+    """The staged OME-Zarr of the output (the one a killed run of the same job left when
+    resuming, else a new one) and the chunk job writing its level 0."""
+    shape, out_ds = output_grid(transform, options.level)
+    mpp = _output_mpp(transform, out_ds)
     job_doc = {
         "transform": str(transform.path) if transform.path else None,
         "stages": [s.affine.tolist() for s in transform.stages],
         "source": str(Path(slide.path).resolve()),
-        "level": level,
-        "interpolation": interpolation,
-        "chunk": chunk,
-        "ngff_version": ngff_version,
+        "level": options.level,
+        "interpolation": options.interpolation,
+        "chunk": options.chunk,
+        "ngff_version": options.ngff_version,
         "shape": list(shape),
     }
-    if not (resume and _same_job(stage, job_doc)):
+    if resume and _same_job(stage, job_doc):
+        group = zarr.open_group(str(stage), mode="r+")
+    else:
         remove(stage)
+        layout = ZarrLayout(chunk=options.chunk, ngff_version=options.ngff_version)
         group = create_ome_zarr(
-            stage,
-            shape,
-            3,
-            np.uint8,
-            mpp=mpp,
-            chunk=chunk,
-            ngff_version=ngff_version,
-            name=Path(slide.path).name,
+            stage, shape, 3, np.uint8, layout=layout, mpp=mpp, name=Path(slide.path).name
         )
         (stage / _JOB_FILE).write_text(json.dumps(job_doc))
-    else:
-        import zarr
-
-        group = zarr.open_group(str(stage), mode="r+")
-    level0 = group["0"]
-    done = existing_chunks(level0)
-    todo = [c for c in blocks(shape, chunk) if (c[0] // chunk, c[1] // chunk) not in done]
     job = _WarpJob(
         str(transform.path) if transform.path else None,
         str(slide.path),
         str(stage / "0"),
         out_ds,
-        source_level,
-        interpolation,
+        choose_source_level(slide, transform, out_ds),
+        options.interpolation,
         transform=transform,
         source=slide,
-        output=level0,
+        output=group["0"],
     )
-    timings = {} if timings is None else timings
-    try:
-        start = time.perf_counter()
-        _run_chunks(job, todo, scheduler, workers, threads)
-        timings["level0_s"] = time.perf_counter() - start
-        build_pyramid(group, "nearest" if interpolation == "nearest" else "mean")
-        timings["pyramid_s"] = time.perf_counter() - start - timings["level0_s"]
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if not resume:
-            remove(stage)
-        raise
-    for leftover in stage.rglob("*.partial"):  # temp files of chunks killed mid-write
-        leftover.unlink()
-    (stage / _JOB_FILE).unlink()
-    if fmt == "ome-zarr":
-        commit(stage, out)
-        return out
-    try:
-        levels = [group[str(k)] for k in range(len(list(group.array_keys())))]
-        write_ome_tiff_levels(levels, out, mpp=mpp, overwrite=overwrite)
-    finally:
-        remove(stage)
-    return out
+    return group, job
+
+
+def _output_mpp(transform: Transform, downsample: float) -> tuple[float, float] | None:
+    mpp = transform.target.mpp
+    return None if mpp is None else (mpp[0] * downsample, mpp[1] * downsample)
 
 
 def _same_job(stage: Path, job_doc: dict[str, Any]) -> bool:
@@ -425,46 +442,38 @@ def _same_job(stage: Path, job_doc: dict[str, Any]) -> bool:
 
 
 def _run_chunks(
-    job: _WarpJob,
-    chunks: list[tuple[int, int, int, int]],
-    scheduler: str | None,
-    workers: int | None,
-    threads: int | None,
+    job: _WarpJob, chunks: list[tuple[int, int, int, int]], execution: Execution
 ) -> None:
-    import dask
-
-    from wsireg.progress import dask_progress, progress
-
+    """Every chunk task: threaded here, or on the cluster of ``execution``."""
     if not chunks:
         return
-    tasks = [dask.delayed(job.write_chunk, pure=False)(*c) for c in chunks]
-    if scheduler is None and not workers:
-        n = threads or max(2, os.cpu_count() or 2)
-        with dask_progress("warp"):
-            dask.compute(*tasks, scheduler="threads", num_workers=n)
+    if not execution.distributed:
+        run_threaded(job.write_chunk, chunks, execution.threads, "warp")
         return
-    from distributed import Client, LocalCluster, as_completed
-
     if job.transform_path is None:
         raise TransformError("transform", "save the transform before warping on a cluster")
-    if scheduler is not None:
-        client = Client(scheduler)
-        cluster = None
-    else:
-        cluster = LocalCluster(
-            n_workers=int(workers),
-            threads_per_worker=threads or 1,
-            processes=True,
-            dashboard_address=None,
-        )
-        client = Client(cluster)
+    with (
+        cluster_client(execution, threads_per_worker=execution.threads or 1) as client,
+        progress(len(chunks), "warp", unit="chunk") as bar,
+    ):
+        for _, future in map_on_cluster(
+            client,
+            job.write_chunk,
+            chunks,
+            name=lambda c: f"wsireg-warp-{c[0]}-{c[1]}",
+            resources=execution.resources,
+        ):
+            future.result()
+            bar.update(1)
+
+
+def _transcode_to_tiff(
+    zarr_path: Path, out: Path, mpp: tuple[float, float] | None, overwrite: bool
+) -> None:
+    """The output format step of an OME-TIFF: the finished OME-Zarr streamed into ``out``
+    (:func:`wsireg.io.tiff.write_ome_tiff_levels`), then removed."""
     try:
-        futures = client.compute(tasks)
-        with progress(len(futures), "warp", unit="chunk") as bar:
-            for future in as_completed(futures):
-                future.result()
-                bar.update(1)
+        levels = level_arrays(zarr.open_group(str(zarr_path), mode="r"))
+        write_ome_tiff_levels(levels, out, mpp=mpp, overwrite=overwrite)
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        remove(zarr_path)

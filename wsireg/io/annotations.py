@@ -18,15 +18,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wsireg.errors import InputError
+from wsireg.io.output import staged_output
 
+#: A map of level-0 points ``(N, 2)`` ``(x, y)`` to points ``(N, 2)``.
 PointMapper = Callable[[np.ndarray], np.ndarray]
+#: A GeoJSON document as parsed: an object, or a list of features as QuPath writes them.
+GeoJSON = dict[str, Any] | list[Any]
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,10 +64,14 @@ def read_landmarks(path: str | Path) -> np.ndarray:
     return array
 
 
-def write_landmarks(path: str | Path, points: np.ndarray) -> Path:
-    """Write points ``(N, 2)`` as an ANHIR landmark CSV (1-based index column)."""
+def write_landmarks(path: str | Path, points: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write points ``(N, 2)`` as an ANHIR landmark CSV (1-based index column).
+
+    Staged (:func:`wsireg.io.output.staged_output`): an existing ``path`` is replaced only with
+    ``overwrite``, else :class:`~wsireg.errors.OutputExistsError`.
+    """
     path = Path(path)
-    with open(path, "w", newline="") as handle:
+    with staged_output(path, overwrite) as stage, open(stage, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["", "X", "Y"])
         for index, (x, y) in enumerate(np.asarray(points, dtype=np.float64), start=1):
@@ -78,7 +86,8 @@ def _fmt(value: float) -> str:
 # --------------------------------------------------------------------------------------------
 # GeoJSON
 # --------------------------------------------------------------------------------------------
-def read_geojson(path: str | Path) -> Any:
+def read_geojson(path: str | Path) -> GeoJSON:
+    """The parsed GeoJSON document of ``path``; :class:`InputError` when it is not one."""
     path = Path(path)
     try:
         document = json.loads(Path(path).read_text())
@@ -91,13 +100,21 @@ def read_geojson(path: str | Path) -> Any:
     return document
 
 
+def write_geojson(path: str | Path, document: GeoJSON, *, overwrite: bool = False) -> Path:
+    """Write a GeoJSON document as compact JSON, staged like :func:`write_landmarks`."""
+    path = Path(path)
+    with staged_output(path, overwrite) as stage:
+        stage.write_text(json.dumps(document))
+    return path
+
+
 def map_geojson(
-    document: Any,
+    document: GeoJSON,
     mapper: PointMapper,
     *,
     max_segment: float | None = None,
     pixel_origin: str = "corner",
-) -> Any:
+) -> GeoJSON:
     """A copy of a GeoJSON document (dict, or a list of features as QuPath writes) with every
     coordinate mapped by ``mapper`` (level-0 points ``(N, 2)`` -> ``(N, 2)``).
 
@@ -165,7 +182,7 @@ def _copy_collecting(node: Any, geometries: list[dict[str, Any]]) -> Any:
     return out
 
 
-def _coordinate_arrays(geometry: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _coordinate_arrays(geometry: dict[str, Any]) -> Iterator[tuple[tuple[int, ...], list]]:
     """Yield ``(path, coordinates)`` for each point list of a geometry."""
     kind, coords = geometry["type"], geometry["coordinates"]
     if kind == "Point":

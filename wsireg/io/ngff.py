@@ -1,49 +1,77 @@
-"""Multiscale OME-Zarr (NGFF 0.4 / 0.5) and pyramidal OME-TIFF writers, built out of core.
+"""Multiscale OME-Zarr (NGFF 0.4 / 0.5): writing out of core, and reading.
 
 Pixels come in as ``[y, x, c]`` arrays of shape ``(H, W, C)``, level-0 pixels, and are stored as
 ``[c, y, x]`` with NGFF axes ``c, y, x`` (see :mod:`wsireg.core.coords`). ``mpp`` is ``(x, y)``
 micrometres per level-0 pixel, as :attr:`wsireg.io.slide.Slide.mpp`.
 
 Level 0 is written chunk by chunk from a dask array; level ``k`` is then computed from level
-``k - 1`` read back from disk (:func:`build_pyramid`), so the memory used does not depend on the
+``k - 1`` read back from disk (:func:`fill_pyramid`), so the memory used does not depend on the
 image size. Level ``k`` is the grid at downsample ``2**k`` of :mod:`wsireg.io.pyramid`; its chunks
-are ``(1, min(chunk, H_k), min(chunk, W_k))``.
+are ``(1, min(chunk, H_k), min(chunk, W_k))``. How the image lies on disk (chunk side, number of
+levels, NGFF version, compressor) is one :class:`ZarrLayout`.
 
 The pieces: :func:`create_ome_zarr` (arrays and metadata, no pixels), :func:`write_level0`,
-:func:`build_pyramid`; :func:`write_ome_zarr` stages, runs the three and renames into place.
-:func:`write_ome_tiff` writes a tiled OME-TIFF with SubIFDs from a temporary zarr pyramid
-(:func:`write_ome_tiff_levels` streams an existing pyramid, e.g. an OME-Zarr written here).
-:func:`read_ome_zarr_levels` opens the levels of an OME-Zarr image for reading.
+:func:`fill_pyramid`; :func:`write_ome_zarr` stages, runs the three and renames into place.
+:func:`read_ome_zarr_levels` opens the levels of an OME-Zarr image for reading. The OME-TIFF
+writers are in :mod:`wsireg.io.tiff`.
 
-The CLI caps glibc's malloc arenas first (:func:`wsireg.engine.parallel.limit_malloc_arenas`), which
-keeps the peak memory of long conversions flat.
+The CLI caps glibc's malloc arenas first (:func:`wsireg.engine.parallel.limit_malloc_arenas`),
+which keeps the peak memory of long conversions flat.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import tempfile
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
+import numpy.typing as npt
 import zarr
+from numcodecs import Blosc
+from numcodecs.abc import Codec
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from wsireg.core.coords import micrometres_per
-from wsireg.io.output import check_output, staged_output
+from wsireg.io.output import staged_output
 from wsireg.io.pyramid import METHODS, downsample2, halved_shapes, level_shapes
-from wsireg.progress import dask_progress, progress
+from wsireg.progress import dask_progress
+
+#: A chunk compressor: a numcodecs codec (zarr v2, NGFF 0.4) or a zarr v3 bytes-to-bytes codec.
+Compressor = Codec | BytesBytesCodec
 
 NGFF_VERSIONS = ("0.4", "0.5")
 TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+
+
+@dataclass(frozen=True)
+class ZarrLayout:
+    """How a multiscale OME-Zarr image lies on disk.
+
+    ``chunk``: side of the spatial chunks (px). ``levels``: how many levels (``None``: halve
+    until the top level fits in one chunk of at most 512 px,
+    :func:`wsireg.io.pyramid.level_shapes`). ``ngff_version``: ``"0.4"`` (zarr v2 with ``/``
+    chunk keys) or ``"0.5"`` (zarr v3). ``compressor``: a numcodecs codec (0.4) or a zarr v3
+    bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated); ``None`` for
+    :func:`default_compressor`.
+    """
+
+    chunk: int = 1024
+    levels: int | None = None
+    ngff_version: str = "0.4"
+    compressor: Compressor | None = None
+
+
+#: The layout of OME-Zarr outputs unless a caller gives another.
+DEFAULT_ZARR_LAYOUT = ZarrLayout()
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,15 +153,11 @@ def group_attributes(
 # --------------------------------------------------------------------------------------------
 # Creating and filling a multiscale group
 # --------------------------------------------------------------------------------------------
-def default_compressor(ngff_version: str = "0.4") -> Any:
-    """Blosc zstd level 5 with byte shuffle: numcodecs for zarr v2 (0.4), zarr codec for v3."""
+def default_compressor(ngff_version: str = "0.4") -> Compressor:
+    """Blosc zstd level 3 with byte shuffle: numcodecs for zarr v2 (0.4), zarr codec for v3."""
     _check_version(ngff_version)
     if ngff_version == "0.4":
-        from numcodecs import Blosc
-
         return Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)
-    from zarr.codecs import BloscCodec
-
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
@@ -141,28 +165,24 @@ def create_ome_zarr(
     path: str | Path,
     shape_yx: tuple[int, int],
     channels: int,
-    dtype: Any,
+    dtype: npt.DTypeLike,
     *,
+    layout: ZarrLayout = DEFAULT_ZARR_LAYOUT,
     mpp: tuple[float, float] | None = None,
-    chunk: int = 1024,
-    compressor: Any = None,
-    levels: int | None = None,
-    ngff_version: str = "0.4",
     name: str | None = None,
 ) -> zarr.Group:
     """Create an empty multiscale OME-Zarr image at ``path`` (which must not exist).
 
     Level arrays ``"0" .. "n-1"`` have shape ``(channels, H_k, W_k)`` and chunks
-    ``(1, min(chunk, H_k), min(chunk, W_k))``; ``levels`` defaults to halving until the top level
-    fits in one chunk of at most 512 px (:func:`wsireg.io.pyramid.level_shapes`). NGFF 0.4 is zarr
-    v2 with ``/`` chunk keys, 0.5 is zarr v3. ``compressor``: a numcodecs codec (0.4) or a zarr
-    v3 bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated); ``None`` for
-    :func:`default_compressor`. Unwritten chunks read as white for RGB uint8 (0 otherwise).
+    ``(1, min(chunk, H_k), min(chunk, W_k))``, laid out as ``layout`` says (:class:`ZarrLayout`).
+    Unwritten chunks read as white for RGB uint8 (0 otherwise).
     """
+    ngff_version, chunk = layout.ngff_version, layout.chunk
     _check_version(ngff_version)
-    shapes = _plan_levels(shape_yx, chunk, levels)
+    shapes = _plan_levels(shape_yx, chunk, layout.levels)
     dtype = np.dtype(dtype)
     zarr_format = 2 if ngff_version == "0.4" else 3
+    compressor = layout.compressor
     compressor = default_compressor(ngff_version) if compressor is None else compressor
     if zarr_format == 3:
         compressor = _as_v3_codec(compressor)
@@ -189,7 +209,7 @@ def create_ome_zarr(
 
 def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
     """Write ``image`` (``(H, W, C)``) into level ``"0"`` of ``group``, chunk by chunk."""
-    target = _level_arrays(group)[0]
+    target = level_arrays(group)[0]
     c, h, w = target.shape
     if tuple(image.shape) != (h, w, c) or image.dtype != target.dtype:
         raise ValueError(
@@ -201,7 +221,7 @@ def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
         da.store(source, target, lock=False, compute=True)
 
 
-def build_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
+def fill_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
     """Fill levels ``1 .. n-1`` of ``group``, each from the previous level read from disk.
 
     Level ``k`` is :func:`wsireg.io.pyramid.downsample2` of level ``k - 1`` (``"mean"`` or
@@ -211,7 +231,7 @@ def build_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
     """
     if downsample_method not in METHODS:
         raise ValueError(f"unknown downsampling method {downsample_method!r}; use {METHODS}")
-    arrays = _level_arrays(group)
+    arrays = level_arrays(group)
     _set_multiscale_type(group, downsample_method)
     for k in range(1, len(arrays)):
         previous, target = arrays[k - 1], arrays[k]
@@ -230,40 +250,44 @@ def write_ome_zarr(
     image: da.Array | np.ndarray,
     path: str | Path,
     *,
+    layout: ZarrLayout = DEFAULT_ZARR_LAYOUT,
     mpp: tuple[float, float] | None = None,
-    chunk: int = 1024,
-    compressor: Any = None,
-    levels: int | None = None,
-    ngff_version: str = "0.4",
     name: str | None = None,
     downsample_method: str = "mean",
     overwrite: bool = False,
 ) -> Path:
     """Write ``image`` (``(H, W, C)``, dask or numpy) as a multiscale OME-Zarr at ``path``.
 
-    See :func:`create_ome_zarr` for the layout and options. The output is staged under
-    ``.NAME.partial`` and renamed into place at the end; an existing ``path`` is replaced only
-    with ``overwrite``. Returns ``path``.
+    See :func:`create_ome_zarr` for the layout. The output is staged under ``.NAME.partial``
+    and renamed into place at the end; an existing ``path`` is replaced only with
+    ``overwrite``. Returns ``path``.
     """
-    _check_version(ngff_version)
-    image = _as_image(image, chunk)
+    _check_version(layout.ngff_version)
+    image = as_dask_image(image, layout.chunk)
     path = Path(path)
     with staged_output(path, overwrite=overwrite) as stage:
         group = create_ome_zarr(
-            stage,
-            image.shape[:2],
-            image.shape[2],
-            image.dtype,
-            mpp=mpp,
-            chunk=chunk,
-            compressor=compressor,
-            levels=levels,
-            ngff_version=ngff_version,
-            name=name,
+            stage, image.shape[:2], image.shape[2], image.dtype, layout=layout, mpp=mpp, name=name
         )
         write_level0(group, image)
-        build_pyramid(group, downsample_method)
+        fill_pyramid(group, downsample_method)
     return path
+
+
+def level_arrays(group: zarr.Group) -> list[zarr.Array]:
+    """The level arrays of a multiscale group written here, finest first."""
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    return [group[d["path"]] for d in ome["multiscales"][0]["datasets"]]
+
+
+def as_dask_image(image: da.Array | np.ndarray, chunk: int) -> da.Array:
+    """``image`` as an ``(H, W, C)`` dask array (numpy wrapped with ``chunk``-sized blocks)."""
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {tuple(image.shape)}")
+    if isinstance(image, da.Array):
+        return image
+    return da.from_array(np.asarray(image), chunks=(chunk, chunk, -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,176 +392,6 @@ def _scale_um(axes: list[dict[str, Any]], scale: list[float]) -> tuple[float, fl
 
 
 # --------------------------------------------------------------------------------------------
-# OME-TIFF
-# --------------------------------------------------------------------------------------------
-def write_ome_tiff(
-    image: da.Array | np.ndarray,
-    path: str | Path,
-    *,
-    mpp: tuple[float, float] | None = None,
-    tile: int = 512,
-    compression: str = "jpeg",
-    quality: int = 90,
-    levels: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``image`` (``(H, W, 3)`` uint8 RGB) as a tiled pyramidal OME-TIFF with SubIFDs.
-
-    The pyramid (:func:`wsireg.io.pyramid.level_shapes` with ``chunk=tile``, or ``levels``
-    levels) is first built out of core as a temporary zarr (zstd level 1, chunks of one tile;
-    about a third of the raw pixel size on disk for slide-like content) in a hidden directory
-    beside ``path``, then streamed into the TIFF by :func:`write_ome_tiff_levels`.
-    ``compression``: ``"jpeg"`` (``quality`` 1-100), ``"zlib"``, ``"zstd"`` or ``"none"``.
-    Physical pixel sizes go into the OME-XML when ``mpp`` is known. Staged like every output;
-    an existing ``path`` is replaced only with ``overwrite``.
-    """
-    image = _as_image(image, tile)
-    if image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"OME-TIFF output takes (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}"
-        )
-    _check_tiff_options(compression, tile)
-    path = Path(check_output(path, overwrite))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.levels-") as tmp:
-        group = create_ome_zarr(
-            Path(tmp) / "levels.zarr",
-            image.shape[:2],
-            image.shape[2],
-            image.dtype,
-            chunk=tile,
-            compressor=_scratch_compressor(),
-            levels=levels,
-        )
-        write_level0(group, image)
-        build_pyramid(group)
-        return write_ome_tiff_levels(
-            _level_arrays(group),
-            path,
-            mpp=mpp,
-            tile=tile,
-            compression=compression,
-            quality=quality,
-            overwrite=overwrite,
-        )
-
-
-def write_ome_tiff_levels(
-    levels: Sequence[zarr.Array],
-    path: str | Path,
-    *,
-    mpp: tuple[float, float] | None = None,
-    tile: int = 512,
-    compression: str = "jpeg",
-    quality: int = 90,
-    overwrite: bool = False,
-) -> Path:
-    """Stream an existing pyramid into a tiled OME-TIFF with SubIFDs, tile by tile.
-
-    ``levels`` are ``(3, H_k, W_k)`` uint8 arrays at downsample ``2**k`` (e.g. the levels of an
-    OME-Zarr written here, from :func:`read_ome_zarr_levels`); any chunking works. Tiles are
-    read in groups of 16 one group ahead and encoded by tifffile in two threads, at most 64 MiB
-    of raw tiles at a time. Options as :func:`write_ome_tiff`; staged output.
-    """
-    import tifffile
-
-    _check_tiff_options(compression, tile)
-    options = _tiff_options(compression, quality, tile)
-    with (
-        staged_output(path, overwrite=overwrite) as stage,
-        tifffile.TiffWriter(stage, bigtiff=True, ome=True) as tif,
-    ):
-        for k, array in enumerate(levels):
-            extra: dict[str, Any] = (
-                {"subifds": len(levels) - 1, "metadata": _ome_metadata(mpp)}
-                if k == 0
-                else {"subfiletype": 1, "metadata": None}
-            )
-            if mpp is not None:
-                extra["resolution"] = (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k))
-                extra["resolutionunit"] = "CENTIMETER"
-            c, h, w = array.shape
-            with progress(_tile_count(h, w, tile), f"OME-TIFF level {k}", "tile") as bar:
-                tif.write(
-                    _tiles(array, tile, bar),
-                    shape=(h, w, c),
-                    dtype=array.dtype,
-                    photometric="rgb",
-                    **options,
-                    **extra,
-                )
-    return Path(path)
-
-
-def _check_tiff_options(compression: str, tile: int) -> None:
-    if compression not in TIFF_COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; use one of {TIFF_COMPRESSIONS}")
-    if tile % 16 or tile <= 0:
-        raise ValueError(f"TIFF tile size must be a positive multiple of 16, got {tile}")
-
-
-def _tiff_options(compression: str, quality: int, tile: int) -> dict[str, Any]:
-    # tifffile encodes batches of tiles in threads; cap a batch at 64 MiB of raw tiles
-    options: dict[str, Any] = {"tile": (tile, tile), "maxworkers": 2, "buffersize": 64 << 20}
-    if compression == "jpeg":
-        options.update(compression="jpeg", compressionargs={"level": int(quality)})
-    elif compression != "none":
-        options["compression"] = compression
-    return options
-
-
-def _ome_metadata(mpp: tuple[float, float] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"axes": "YXS"}
-    if mpp is not None:
-        meta.update(
-            PhysicalSizeX=float(mpp[0]),
-            PhysicalSizeXUnit="µm",
-            PhysicalSizeY=float(mpp[1]),
-            PhysicalSizeYUnit="µm",
-        )
-    return meta
-
-
-def _tile_count(h: int, w: int, tile: int) -> int:
-    return math.ceil(h / tile) * math.ceil(w / tile)
-
-
-def _tiles(array: zarr.Array, tile: int, bar: Any, span: int = 16) -> Iterator[np.ndarray]:
-    """``(tile, tile, C)`` tiles of a ``(C, H, W)`` array in row-major order (edge tiles
-    smaller), reading ``span`` tiles at a time one group ahead in a background thread."""
-    _, h, w = array.shape
-    groups = [
-        (y, x, min(x + span * tile, w)) for y in range(0, h, tile) for x in range(0, w, span * tile)
-    ]
-
-    def read(group: tuple[int, int, int]) -> np.ndarray:
-        y, x0, x1 = group
-        return np.asarray(array[:, y : y + tile, x0:x1]).transpose(1, 2, 0)
-
-    with ThreadPoolExecutor(1) as pool:
-        pending: deque = deque()
-        for group in groups:
-            pending.append(pool.submit(read, group))
-            if len(pending) < 2:
-                continue
-            yield from _split(pending.popleft().result(), tile, bar)
-        while pending:
-            yield from _split(pending.popleft().result(), tile, bar)
-
-
-def _split(band: np.ndarray, tile: int, bar: Any) -> Iterator[np.ndarray]:
-    for x in range(0, band.shape[1], tile):
-        yield np.ascontiguousarray(band[:, x : x + tile])
-        bar.update(1)
-
-
-def _scratch_compressor() -> Any:
-    from numcodecs import Blosc
-
-    return Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE)
-
-
-# --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
 def _check_version(ngff_version: str) -> None:
@@ -555,14 +409,10 @@ def _plan_levels(shape_yx: Sequence[int], chunk: int, levels: int | None) -> lis
     return halved_shapes(shape_yx, levels)
 
 
-def _as_v3_codec(codec: Any) -> Any:
+def _as_v3_codec(codec: Compressor) -> BytesBytesCodec:
     """Translate common numcodecs compressors to their zarr v3 codecs; pass others through."""
-    from numcodecs.abc import Codec
-
     if not isinstance(codec, Codec):
         return codec
-    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
-
     config = codec.get_config()
     kind = config.pop("id")
     if kind == "blosc":
@@ -584,21 +434,6 @@ def _set_multiscale_type(group: zarr.Group, method: str) -> None:
     ome = attrs.get("ome", attrs)
     ome["multiscales"][0]["type"] = method
     group.attrs.update(attrs)
-
-
-def _level_arrays(group: zarr.Group) -> list[zarr.Array]:
-    attrs = group.attrs.asdict()
-    ome = attrs.get("ome", attrs)
-    return [group[d["path"]] for d in ome["multiscales"][0]["datasets"]]
-
-
-def _as_image(image: da.Array | np.ndarray, chunk: int) -> da.Array:
-    """``image`` as an ``(H, W, C)`` dask array (numpy wrapped with ``chunk``-sized blocks)."""
-    if image.ndim != 3:
-        raise ValueError(f"expected an (H, W, C) image, got shape {tuple(image.shape)}")
-    if isinstance(image, da.Array):
-        return image
-    return da.from_array(np.asarray(image), chunks=(chunk, chunk, -1))
 
 
 def _aligned(image: da.Array | np.ndarray, cy: int, cx: int) -> da.Array:

@@ -1,10 +1,10 @@
 """Resolution pyramids as lazy dask computations.
 
 Images are ``[y, x, c]`` arrays of shape ``(H, W, C)`` (or any array whose two image axes are
-given by ``axes``); see :mod:`wsireg.core.coords`. Level ``k`` of a pyramid is the grid at downsample
-``2**k``: its pixel ``[i, j]`` covers level-0 pixels ``[2**k * j, 2**k * (j+1))`` (in x, same in
-y), so a level has ``ceil(H / 2**k)`` rows and the last row/column of an odd-sized level is made
-of edge-replicated pixels.
+given by ``axes``); see :mod:`wsireg.core.coords`. Level ``k`` of a pyramid is the grid at
+downsample ``2**k``: its pixel ``[i, j]`` covers level-0 pixels ``[2**k * j, 2**k * (j+1))`` (in
+x, same in y), so a level has ``ceil(H / 2**k)`` rows and the last row/column of an odd-sized
+level is made of edge-replicated pixels.
 
 Everything here is lazy and block-local: output block ``i`` depends on input block ``i`` only,
 so nothing is ever materialised as a whole.

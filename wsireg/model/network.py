@@ -12,19 +12,17 @@ Architecture (paper Sec. 2, Fig. 1)
     (almost) the identity. ``P`` must be a multiple of ``2^D``.
 
 Defaults and why
-    The published code uses ``D = 5`` levels with widths 32..512 on 256 x 256 patches (~3.55 M
-    parameters, 13.6 MB fp32). We keep ``D = 5`` but halve every width, 16..256 (~0.89 M
-    parameters, 3.4 MB fp32; on the idle 2-core development CPU, ``G = 16``: ~50 patches/s at
-    ``P = 256``, 320-580 patches/s at ``P = 128``, 106 MB for one group's forward at
-    ``P = 128``; ``benchmarks/network_speed.py``). The depth, not the width, sets the
-    receptive field: five stride-2 3x3 convolutions, five stride-2 3x3 transposed convolutions
-    and the two 3x3 head convolutions give a receptive field of 127 px (the support of the
-    input gradient of one output pixel with GroupNorm removed; GroupNorm statistics are
-    patch-global). As the paper reasons, the patch size follows from it: with ``P = 256`` and
-    ``S = 128`` every kept centre pixel is at least ``(P - S) / 2 = 64`` px from the patch
-    edge, so its whole receptive field (radius 63) lies inside real context. Halving the widths
-    costs capacity, not context; whether the capacity is enough is for training to show, and
-    ``UNetConfig(widths=(32, 64, 128, 256, 512), head_width=32)`` restores the published size.
+    The published code uses ``D = 5`` levels with widths 32..512 on 256 x 256 patches. We keep
+    ``D = 5`` but halve every width, 16..256 (a quarter of the parameters; speed and memory:
+    ``benchmarks/network_speed.py``, figures in ``wsireg/weights/README.md``). The depth, not
+    the width, sets the receptive field: five stride-2 3x3 convolutions, five stride-2 3x3
+    transposed convolutions and the two 3x3 head convolutions give a receptive field of 127 px
+    (the support of the input gradient of one output pixel with GroupNorm removed; GroupNorm
+    statistics are patch-global). As the paper reasons, the patch size follows from it: with
+    ``P = 256`` and ``S = 128`` every kept centre pixel is at least ``(P - S) / 2 = 64`` px from
+    the patch edge, so its whole receptive field (radius 63) lies inside real context. Halving
+    the widths costs capacity, not context; ``UNetConfig(widths=(32, 64, 128, 256, 512),
+    head_width=32)`` restores the published size.
 """
 
 from __future__ import annotations
@@ -351,6 +349,3 @@ def load_default(device: str | torch.device = "cpu") -> MultiLevelModel:
             " path, or install a release that ships wsireg/weights/default.pt)",
         )
     return MultiLevelModel.load(path, device=device)
-
-
-# --- inference ----------------------------------------------------------------------------------

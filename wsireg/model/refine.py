@@ -6,17 +6,17 @@ steps minimise the same objective as the network's training, on the pair itself:
     L(v) = -SIM(moving(x + v(x)), fixed(x)) + alpha * CURV(v - v0)
 
 with SIM the mean squared local NCC by default (see :class:`RefineSettings`) and the curvature
-of the correction (the network's field is taken as it is)
-
-with ``v = v0 + up(delta)``: the correction ``delta`` lives on a grid ``scale`` times coarser
-(smoothness for free, fewer unknowns) and is upsampled bilinearly. Tensors follow
-:mod:`wsireg.core.coords` / :mod:`wsireg.core.field`: images ``(1, C, H, W)`` in the network
-representation (background 0), fields ``(1, 2, H, W)`` in pixels of the image grid. A pure
-function of tensors: the scheduler calls it block by block, and it runs on any device.
+of the correction (the network's field is taken as it is), with ``v = v0 + up(delta)``: the
+correction ``delta`` lives on a grid ``scale`` times coarser (smoothness for free, fewer
+unknowns) and is upsampled bilinearly. Tensors follow :mod:`wsireg.core.coords` /
+:mod:`wsireg.core.field`: images ``(1, C, H, W)`` in the network representation (background 0),
+fields ``(1, 2, H, W)`` in pixels of the image grid. A pure function of tensors: the scheduler
+calls it block by block, and it runs on any device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,11 @@ from torch import Tensor
 
 from wsireg.core import field as fields
 from wsireg.core import losses
+
+#: Gradient scale below which Adam's steps shrink (similarity units per pixel of the grid).
+ADAM_EPS = 1e-4
+#: Scales the MIND distance to the range of LNCC, so ``alpha`` means the same for both.
+MIND_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,14 @@ class RefineSettings:
     window: int = 7
     """Local NCC window, pixels of the level (odd)."""
     scale: int = 16
-    """The correction lives on a grid ``scale`` times coarser than the image (measured on
-    real H&E pairs with smooth deformations: 16 halves the end-point error of 4 and never
-    folds)."""
+    """The correction lives on a grid ``scale`` times coarser than the image: smoothness for
+    free and fewer unknowns (the choice: ``wsireg/weights/README.md``, "Instance
+    optimisation")."""
     similarity: str = "lncc2"
     """``"lncc2"`` (mean squared local NCC: polarity-free, so structures a stain shows dark and
-    the other light still match; measured better than signed LNCC and MIND on real
-    H&E/IHC pairs), ``"lncc"`` (signed local NCC) or ``"mind"`` (MSE of MIND-SSC descriptors,
-    computed once per image and warped)."""
+    the other light still match; the default, see ``wsireg/weights/README.md``), ``"lncc"``
+    (signed local NCC) or ``"mind"`` (MSE of MIND-SSC descriptors, computed once per image and
+    warped)."""
     decay: float = 0.5
     """Each finer pyramid level gets ``decay`` times the steps of the coarser one (fine levels
     cost 4x more per step and start closer to the optimum)."""
@@ -93,7 +98,9 @@ def refine_field(
         return v0 + F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _similarity(moving: Tensor, fixed: Tensor, settings: RefineSettings):  # type: ignore[no-untyped-def]
+def _similarity(
+    moving: Tensor, fixed: Tensor, settings: RefineSettings
+) -> Callable[[Tensor], Tensor]:
     """``v -> similarity`` (higher is better) of the moving image warped by ``v``."""
     if settings.similarity == "lncc":
 
@@ -118,9 +125,3 @@ def _similarity(moving: Tensor, fixed: Tensor, settings: RefineSettings):  # typ
 
         return mind
     raise ValueError(f"unknown similarity {settings.similarity!r}")
-
-
-#: Gradient scale below which Adam's steps shrink (similarity units per pixel of the grid).
-ADAM_EPS = 1e-4
-#: Scales the MIND distance to the range of LNCC, so ``alpha`` means the same for both.
-MIND_WEIGHT = 10.0

@@ -22,22 +22,31 @@ only when complete) and continues the staged output of the others (``register(re
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
+import json
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wsireg.engine.options import no_overrides_left, take_overrides
+from wsireg.engine.parallel import (
+    Execution,
+    cluster_client,
+    map_on_cluster,
+    peak_rss_mib,
+    reset_peak_rss,
+    torch_threads,
+)
 from wsireg.errors import OutputExistsError, WsiregError
+from wsireg.io.output import partial_path, staged_output
+from wsireg.progress import is_quiet, progress, set_quiet
 from wsireg.run.evaluate import (
     METRICS,
+    Landmarks,
     Pair,
-    alignment_matrix,
     evaluate_pair,
     landmark_metrics,
     landmarks,
@@ -45,6 +54,8 @@ from wsireg.run.evaluate import (
     summarize,
     write_json,
 )
+from wsireg.run.register import register
+from wsireg.run.settings import RegisterOptions
 
 #: Columns of ``summary.csv`` before the metrics and the table's own columns.
 HEAD_COLUMNS = ("index", "name", "status", "error", "run", "seconds", "peak_rss_mib")
@@ -62,26 +73,22 @@ Row = dict[str, Any]
 class PairTask:
     """Everything one pair needs, as plain values (pickled to dask workers).
 
-    ``options`` are :func:`wsireg.run.register.register` keyword arguments; ``threads`` caps
-    torch's and the warp's threads of the task; ``quiet`` silences its progress bars.
+    ``options`` are the registration's (:class:`wsireg.run.settings.RegisterOptions`; their
+    ``threads`` also cap torch's threads during the task); ``quiet`` silences its progress
+    bars.
     """
 
     pair: Pair
     out: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: RegisterOptions = field(default_factory=RegisterOptions)
     resume: bool = False
     overwrite: bool = False
-    threads: int | None = None
     quiet: bool = True
 
 
 def run_pair(task: PairTask) -> Row:
     """Register one pair and measure it; returns its summary row and never raises for a
     failing pair (status ``failed`` and the one-line error instead)."""
-    from wsireg.io.output import partial_path
-    from wsireg.progress import is_quiet, set_quiet
-    from wsireg.run.register import register
-
     reset_peak_rss()
     start = time.perf_counter()
     out = Path(task.out)
@@ -90,33 +97,32 @@ def run_pair(task: PairTask) -> Row:
     was_quiet = is_quiet()
     set_quiet(task.quiet)
     try:
-        with torch_threads(task.threads):
+        with torch_threads(task.options.threads):
             marks = _pair_landmarks(task.pair)
             result = register(
                 task.pair.source,
                 task.pair.target,
                 out,
+                task.options,
                 resume=task.resume,
                 overwrite=task.overwrite,
-                threads=task.threads,
-                **task.options,
             )
             if marks is not None:
-                mpp, affine = result.transform.target.mpp, alignment_matrix(result.report)
-                row.update(landmark_metrics(result.transform, marks, mpp, affine))
+                row.update(landmark_metrics(result.transform, marks))
     except Exception as exc:  # one failing pair must not stop the others
         row.update(status="failed", error=error_line(exc))
     finally:
         set_quiet(was_quiet)
     row["seconds"] = round(time.perf_counter() - start, 3)
-    row["peak_rss_mib"] = round(_peak_rss(), 1)
+    row["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return row
 
 
-def _pair_landmarks(pair: Pair) -> Any:
+def _pair_landmarks(pair: Pair) -> Landmarks | None:
     """The pair's landmarks (read before registering, so bad ones fail the pair at once)."""
     if not pair.has_landmarks:
         return None
+    assert pair.source_landmarks is not None and pair.target_landmarks is not None
     return landmarks(pair.source_landmarks, pair.target_landmarks, pair.target)
 
 
@@ -143,8 +149,6 @@ def error_line(exc: BaseException) -> str:
 def completed_row(pair: Pair, out: Path) -> Row:
     """The row of a pair completed by an earlier run: metrics recomputed from its folder,
     seconds and peak RSS from its ``report.json``."""
-    import json
-
     row = base_row(pair, out)
     evaluated = evaluate_pair(pair, out)
     row.update({k: evaluated[k] for k in METRICS})
@@ -160,146 +164,45 @@ def completed_row(pair: Pair, out: Path) -> Row:
     return row
 
 
-def reset_peak_rss() -> None:
-    """Reset this process's peak RSS (Linux ``clear_refs``), so it measures the next task."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-
-
-def _peak_rss() -> float:
-    from wsireg.engine.parallel import peak_rss_mib
-
-    return peak_rss_mib()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with torch limited to ``threads`` intra-op threads (None: unchanged)."""
-    if not threads:
-        yield
-        return
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # --------------------------------------------------------------------------------------------
 # Running tasks: in process or on dask.distributed
 # --------------------------------------------------------------------------------------------
 def run_tasks(
     tasks: Sequence[PairTask],
-    *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    resources: dict[str, float] | None = None,
+    execution: Execution,
     on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """Run ``tasks`` (sequentially here, or on a cluster); rows in the order of ``tasks``.
-
-    ``on_row`` is called with each row as its task finishes.
-    """
+    """Run ``tasks`` (one after the other here, or on the cluster of ``execution``, each
+    claiming its ``resources``); rows in the order of ``tasks``. ``on_row`` is called with
+    each row as its task finishes; a task whose worker died gives a failed row."""
     if not tasks:
         return []
-    if scheduler is None and not workers:
+    if not execution.distributed:
         rows = []
         for task in tasks:
             rows.append(run_pair(task))
             if on_row:
                 on_row(rows[-1])
         return rows
-    with cluster_client(scheduler, workers, resources) as client:
-        return _run_on_client(client, tasks, resources, on_row)
-
-
-@contextlib.contextmanager
-def cluster_client(
-    scheduler: str | None, workers: int | None, resources: dict[str, float] | None = None
-) -> Iterator[Any]:
-    """A dask.distributed client of the cluster at ``scheduler``, or of a LocalCluster of
-    ``workers`` processes (one thread each; given ``resources`` each, so tasks claiming them
-    can run)."""
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler is not None:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(
-            n_workers=int(workers or 1),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-            resources=resources or None,
-        )
-        client = Client(cluster)
-    try:
-        if resources:
-            check_resources(client, resources, scheduler or "local cluster")
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def check_resources(client: Any, resources: dict[str, float], where: str) -> None:
-    """Fail early (instead of waiting forever) if no connected worker has ``resources``."""
-    workers = client.scheduler_info().get("workers", {})
-    if not workers:
-        return  # workers may still join
-    for info in workers.values():
-        have = info.get("resources") or {}
-        if all(have.get(name, 0) >= amount for name, amount in resources.items()):
-            return
-    wanted = ",".join(f"{k}={v:g}" for k, v in resources.items())
-    raise WsiregError(
-        f"{where}: no worker has the resources {wanted} "
-        f"(start workers with `dask worker ADDRESS --resources {wanted}`)"
-    )
-
-
-def _run_on_client(
-    client: Any,
-    tasks: Sequence[PairTask],
-    resources: dict[str, float] | None,
-    on_row: Callable[[Row], None] | None,
-) -> list[Row]:
-    from distributed import as_completed
-
-    run_id = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(
+    ordered: list[Row | None] = [None] * len(tasks)
+    with cluster_client(execution) as client:
+        for position, future in map_on_cluster(
+            client,
             run_pair,
-            task,
-            key=f"wsireg-pair-{task.pair.name}-{run_id}",
-            pure=False,
-            resources=resources or None,
-            retries=0,
-        ): position
-        for position, task in enumerate(tasks)
-    }
-    rows: list[Row | None] = [None] * len(tasks)
-    for future in as_completed(futures):
-        position = futures[future]
-        try:
-            row = future.result()
-        except Exception as exc:  # the worker died (killed, out of memory, ...)
-            task = tasks[position]
-            row = base_row(task.pair, Path(task.out))
-            row.update(status="failed", error=f"task failed on the cluster: {error_line(exc)}")
-        rows[position] = row
-        if on_row:
-            on_row(row)
-    return [r for r in rows if r is not None]
+            tasks,
+            name=lambda task: f"wsireg-pair-{task.pair.name}",
+            resources=execution.resources,
+        ):
+            try:
+                row = future.result()
+            except Exception as exc:  # the worker died (killed, out of memory, ...)
+                task = tasks[position]
+                row = base_row(task.pair, Path(task.out))
+                row.update(status="failed", error=f"task failed on the cluster: {error_line(exc)}")
+            ordered[position] = row
+            if on_row:
+                on_row(row)
+    return [r for r in ordered if r is not None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,46 +211,41 @@ def _run_on_client(
 def batch(
     pairs_csv: str | Path,
     out: str | Path,
+    options: RegisterOptions | None = None,
     *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    resources: dict[str, float] | None = None,
+    execution: Execution | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    **register_options: Any,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Register every pair of ``pairs_csv`` into ``out`` and write the summaries.
 
-    ``scheduler`` (address of a dask.distributed scheduler) or ``workers`` (a LocalCluster of
-    that many processes) run the pairs in parallel; neither runs them here one by one.
-    ``threads``: threads per pair (default: the CPUs shared out over the local workers, or
-    torch's default). ``resources``: worker resources each pair claims, e.g. ``{"GPU": 1}``.
-    ``resume`` skips complete pairs and continues interrupted ones; ``overwrite`` replaces
-    existing pair outputs. Other keyword arguments go to :func:`wsireg.run.register.register`.
-    Returns the document written to ``summary.json``.
+    ``options``: the registrations' (:class:`wsireg.run.settings.RegisterOptions`).
+    ``execution`` (:class:`wsireg.engine.parallel.Execution`): a ``scheduler`` address or a
+    LocalCluster of ``workers`` processes runs the pairs in parallel, neither here one by one;
+    ``threads`` per pair (default: the CPUs shared out over the local workers, or torch's
+    default); ``resources`` each pair claims, e.g. ``{"GPU": 1}``. Keyword ``overrides``
+    replace fields of either (``batch(csv, out, workers=4, level=0)``). ``resume`` skips
+    complete pairs and continues interrupted ones; ``overwrite`` replaces existing pair
+    outputs. Returns the document written to ``summary.json``.
     """
-    from wsireg.progress import is_quiet, progress
-
-    if scheduler is not None and workers:
-        raise ValueError("give either a scheduler address or a number of workers, not both")
+    execution = take_overrides(execution or Execution(), overrides)
+    options = take_overrides(options or RegisterOptions(), overrides)
+    no_overrides_left("batch", overrides)
     out = Path(out).absolute()
     pairs = read_pairs(pairs_csv)
     check_batch_output(out, resume, overwrite)
-    if threads is None and workers and scheduler is None:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+    options = task_options(options, execution)
     start = time.perf_counter()
     rows: dict[int, Row] = {}
     tasks = []
+    quiet = True if execution.distributed else is_quiet()
     for pair in pairs:
         folder = out / pair.name
         if resume and folder.is_dir():
             rows[pair.index] = completed_row(pair, folder)
             continue
-        quiet = True if (scheduler is not None or workers) else is_quiet()
-        tasks.append(
-            PairTask(pair, str(folder), dict(register_options), resume, overwrite, threads, quiet)
-        )
+        tasks.append(PairTask(pair, str(folder), options, resume, overwrite, quiet))
     with progress(len(pairs), "batch", unit="pair") as bar:
         bar.update(len(rows))
         failed = [r for r in rows.values() if r["status"] != "ok"]
@@ -358,21 +256,20 @@ def batch(
             bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(1)
 
-        for row in run_tasks(
-            tasks, scheduler=scheduler, workers=workers, resources=resources, on_row=on_row
-        ):
+        for row in run_tasks(tasks, execution, on_row):
             rows[row["index"]] = row
     ordered = [rows[p.index] for p in pairs]
-    document = summary_document(pairs_csv, out, ordered, register_options, start)
-    document["run"] = {
-        "scheduler": scheduler,
-        "workers": workers,
-        "threads": threads,
-        "resources": resources,
-        "resume": resume,
-    }
+    document = summary_document(pairs_csv, out, ordered, options, start)
+    document["run"] = {**execution.to_json(), "threads": options.threads, "resume": resume}
     write_summaries(out, document)
     return document
+
+
+def task_options(options: RegisterOptions, execution: Execution) -> RegisterOptions:
+    """The options of each pair task: their ``threads`` are the execution's threads per task
+    when it has them."""
+    threads = execution.threads_per_task()
+    return options if threads is None else replace(options, threads=threads)
 
 
 def check_batch_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -387,7 +284,7 @@ def summary_document(
     pairs_csv: str | Path,
     out: Path,
     rows: list[Row],
-    options: dict[str, Any],
+    options: RegisterOptions,
     start: float,
 ) -> dict[str, Any]:
     """What ``summary.json`` holds: inputs, options, counts, summary over pairs, rows."""
@@ -395,7 +292,7 @@ def summary_document(
     return {
         "pairs_csv": str(Path(pairs_csv).absolute()),
         "out": str(out.absolute()),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "options": options.to_json(),
         "seconds": round(time.perf_counter() - start, 3),
         "counts": {"pairs": len(rows), "ok": len(ok), "failed": len(rows) - len(ok)},
         "summary": summarize(ok),
@@ -405,8 +302,6 @@ def summary_document(
 
 def write_summaries(out: Path, document: dict[str, Any]) -> None:
     """``summary.json`` and ``summary.csv`` in ``out``, each staged and replaced atomically."""
-    from wsireg.io.output import staged_output
-
     write_json(out / SUMMARY_JSON, document, overwrite=True)
     with staged_output(out / SUMMARY_CSV, overwrite=True) as stage:
         stage.write_text(summary_csv(document["pairs"]))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from wsireg.engine.transform import SlideRef, Transform, create_field
-from wsireg.engine.warp import warp
+from wsireg.engine.warp import WarpOptions, warp
+from wsireg.io.convert import output_format
 from wsireg.io.output import check_output
 from wsireg.io.slide import open_slide
 from wsireg.synthetic.deformation import SmoothDeformation
@@ -16,13 +17,13 @@ from wsireg.synthetic.deformation import SmoothDeformation
 
 def deformation_transform(
     deformation: SmoothDeformation,
-    slide_ref: object,
+    slide_ref: SlideRef,
     field_downsample: float = 8.0,
     path: str | Path | None = None,
-):
-    """The :class:`wsireg.engine.transform.Transform` (target -> source) of ``deformation`` on the
-    grid of ``slide_ref`` (a :class:`wsireg.engine.transform.SlideRef`, both frames), its field sampled
-    band by band at ``field_downsample`` (in memory, or in a zarr at ``path``)."""
+) -> Transform:
+    """The transform (target -> source) of ``deformation`` on the grid of ``slide_ref`` (both
+    frames), its field sampled band by band at ``field_downsample`` (in memory, or in a zarr
+    at ``path``)."""
     h, w = slide_ref.shape
     shape = (math.ceil(h / field_downsample), math.ceil(w / field_downsample))
     fld = (
@@ -72,6 +73,5 @@ def deform_slide(
     downsample = float(max(1, 2 ** math.floor(math.log2(max(1.0, min(ref.shape) / 512)))))
     truth = deformation_transform(deformation, ref, downsample)
     truth.save(truth_dir, overwrite=overwrite)
-    fmt = "ome-tiff" if out.name.lower().endswith((".tif", ".tiff")) else "ome-zarr"
-    warp(truth_dir, slide, out, fmt=fmt, overwrite=overwrite)
+    warp(truth_dir, slide, out, WarpOptions(fmt=output_format(out)), overwrite=overwrite)
     return out, truth_dir

@@ -11,12 +11,13 @@ Pair tables
 Metrics (ANHIR, Borovec et al. 2020)
     Point i of the source landmarks corresponds to point i of the target landmarks; where the
     counts differ the first ``min(n_source, n_target)`` are used. The source landmarks are
-    mapped into the target by the transform (``map_points(points, "inverse")``: source ->
-    target), and ``rTRE = |mapped - target landmark| / diagonal of the target image`` (level-0
+    mapped into the target by the transform (``map_points(points, "source_to_target")``), and
+    ``rTRE = |mapped - target landmark| / diagonal of the target image`` (level-0
     pixels). TRE in micrometres uses the target's mpp where known. *Robustness* is the share of
     landmarks whose distance to their target landmark decreased compared with no registration
     (the source landmark taken as it is). Summaries over pairs: median and mean of the per-pair
-    median rTRE, and of the robustness.
+    median rTRE, and of the robustness. The rTRE of the affine stage alone comes from the
+    transform's first stage (:attr:`wsireg.engine.transform.Transform.initial_affine`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsireg.engine.transform import Transform
 from wsireg.errors import InputError, WsiregError
+from wsireg.io.annotations import read_landmarks
+from wsireg.io.output import staged_output
+from wsireg.io.slide import open_slide
 
 SOURCE_IMAGE = "Source image"
 TARGET_IMAGE = "Target image"
@@ -173,9 +179,6 @@ def landmarks(
     source_landmarks: str | Path, target_landmarks: str | Path, target_image: str | Path
 ) -> Landmarks:
     """Read a pair's landmarks; the diagonal is that of the target slide's level 0."""
-    from wsireg.io.annotations import read_landmarks
-    from wsireg.io.slide import open_slide
-
     src, tgt = read_landmarks(source_landmarks), read_landmarks(target_landmarks)
     n = min(len(src), len(tgt))
     h, w = open_slide(target_image).level_shape(0)
@@ -192,15 +195,12 @@ def rtre(mapped: np.ndarray, target: np.ndarray, diagonal: float) -> np.ndarray:
     return np.linalg.norm(mapped - target, axis=1) / diagonal
 
 
-def landmark_metrics(
-    transform: Any,
-    marks: Landmarks,
-    mpp: tuple[float, float] | None = None,
-    affine: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """ANHIR metrics of a transform on a pair's landmarks (see the module docstring);
-    ``affine`` (the initial alignment's 3x3 matrix) adds the rTRE of the affine stage alone."""
-    mapped, residual = transform.map_points(marks.source, "inverse")
+def landmark_metrics(transform: Transform, marks: Landmarks) -> dict[str, Any]:
+    """ANHIR metrics of a registration's transform on a pair's landmarks (see the module
+    docstring): rTRE, that of its affine stage alone, robustness, and TRE in micrometres where
+    the target's mpp is known."""
+    mpp = transform.target.mpp
+    mapped, residual = transform.map_points(marks.source, "source_to_target")
     errors = rtre(mapped, marks.target, marks.diagonal)
     before = rtre(marks.source, marks.target, marks.diagonal)
     metrics: dict[str, Any] = dict.fromkeys(METRICS)
@@ -214,11 +214,9 @@ def landmark_metrics(
             robustness=float(np.mean(errors < before)),
             inverse_residual_px_max=float(residual.max()),
         )
-    if affine is not None and len(errors):
-        from wsireg.engine.transform import Transform
-
-        alone = Transform.from_affine(np.asarray(affine), transform.target, transform.source)
-        affine_mapped, _ = alone.map_points(marks.source, "inverse")
+    if len(errors):
+        alone = Transform.from_affine(transform.initial_affine, transform.target, transform.source)
+        affine_mapped, _ = alone.map_points(marks.source, "source_to_target")
         metrics["affine_median_rtre"] = float(
             np.median(rtre(affine_mapped, marks.target, marks.diagonal))
         )
@@ -248,7 +246,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _stat(function: Any, values: list[float]) -> float | None:
+def _stat(function: Callable[[list[float]], float], values: list[float]) -> float | None:
     return float(function(values)) if values else None
 
 
@@ -259,8 +257,6 @@ def evaluate_pair(pair: Pair, folder: str | Path) -> dict[str, Any]:
     """Metrics of one pair from its ``register`` output ``folder`` (status ``ok``,
     ``missing`` when the folder does not exist, ``no landmarks``, or ``failed`` with the
     error when the folder or the landmarks cannot be read)."""
-    from wsireg.engine.transform import Transform
-
     folder = Path(folder)
     row: dict[str, Any] = {"index": pair.index, "name": pair.name, "status": "ok", "error": ""}
     row.update(dict.fromkeys(METRICS))
@@ -271,20 +267,10 @@ def evaluate_pair(pair: Pair, folder: str | Path) -> dict[str, Any]:
     try:
         transform = Transform.load(folder / "transform")
         marks = landmarks(pair.source_landmarks, pair.target_landmarks, pair.target)
-        affine = alignment_matrix(folder / "report.json")
-        row.update(landmark_metrics(transform, marks, transform.target.mpp, affine))
+        row.update(landmark_metrics(transform, marks))
     except WsiregError as exc:
         return {**row, "status": "failed", "error": str(exc)}
     return row
-
-
-def alignment_matrix(report: str | Path | dict[str, Any]) -> np.ndarray | None:
-    """The initial alignment's matrix recorded in a register ``report.json`` (or its dict)."""
-    try:
-        document = report if isinstance(report, dict) else json.loads(Path(report).read_text())
-        return np.asarray(document["alignment"]["matrix"], dtype=np.float64).reshape(3, 3)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def evaluate(
@@ -315,8 +301,6 @@ def evaluate(
 
 def write_json(path: str | Path, document: Any, overwrite: bool = False) -> Path:
     """Write ``document`` as JSON to ``path``, staged (never half-written)."""
-    from wsireg.io.output import staged_output
-
     with staged_output(path, overwrite) as stage:
         stage.write_text(json.dumps(_plain(document), indent=2) + "\n")
     return Path(path)

@@ -19,18 +19,24 @@ independent and run like a :func:`wsireg.run.batch.batch` (in process, on a Loca
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wsireg import __version__
+from wsireg.engine.options import no_overrides_left, take_overrides
+from wsireg.engine.parallel import Execution, local_cluster
+from wsireg.engine.transform import SlideRef, Transform
+from wsireg.engine.warp import WarpOptions, warp
 from wsireg.errors import WsiregError
 from wsireg.io.output import check_output
-from wsireg.run.batch import PairTask, check_batch_output, cluster_client, run_tasks
+from wsireg.io.slide import open_slide
+from wsireg.progress import is_quiet, progress
+from wsireg.run.batch import PairTask, check_batch_output, run_tasks, task_options
 from wsireg.run.evaluate import Pair, slide_stem, slug, write_json
+from wsireg.run.settings import RegisterOptions
 
 STACK_JSON = "stack.json"
 
@@ -67,130 +73,128 @@ def chain(index: int, reference: int) -> list[int]:
     return list(range(reference + step, index + step, step))
 
 
+@dataclass(frozen=True)
+class _Sections:
+    """The serial sections of a stack, their names, the reference's position, the output."""
+
+    slides: list[Path]
+    names: list[str]
+    reference: int
+    out: Path
+
+    def registration(self, index: int) -> Path:
+        """Output folder of the registration of slide ``index`` onto its neighbour."""
+        other = self.names[neighbour(index, self.reference)]
+        return self.out / "registrations" / f"{self.names[index]}-to-{other}"
+
+
 def stack(
     slides: Sequence[str | Path],
     out: str | Path,
     reference: int,
+    options: RegisterOptions | None = None,
     *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    resources: dict[str, float] | None = None,
+    execution: Execution | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    warp_level: int = 0,
-    write_warped: bool = True,
-    **register_options: Any,
+    **overrides: Any,
 ) -> StackResult:
     """Register serial sections ``slides`` into the frame of ``slides[reference]``.
 
-    ``reference`` is a 0-based position in ``slides``. ``scheduler``/``workers``/``threads``/
-    ``resources`` run the pairwise registrations as :func:`wsireg.run.batch.batch` runs pairs (and
-    the warps on the same kind of cluster); ``warp_level``: target level of the warped slides;
-    ``write_warped=False`` writes only the transforms. Other keyword arguments go to
-    :func:`wsireg.run.register.register`.
+    ``reference`` is a 0-based position in ``slides``. ``options``: the pairwise
+    registrations' (:class:`wsireg.run.settings.RegisterOptions`; ``warp_level``: target level
+    of the warped slides, ``write_warped=False`` writes only the transforms). ``execution``
+    runs the pairwise registrations as :func:`wsireg.run.batch.batch` runs pairs, and the
+    warps on the same cluster (one LocalCluster for both when it asks for ``workers``).
+    Keyword ``overrides`` replace fields of either.
     """
-    from wsireg.io.slide import open_slide
-
-    slides = [Path(s) for s in slides]
-    if len(slides) < 2:
+    execution = take_overrides(execution or Execution(), overrides)
+    options = take_overrides(options or RegisterOptions(), overrides)
+    no_overrides_left("stack", overrides)
+    paths = [Path(s) for s in slides]
+    if len(paths) < 2:
         raise ValueError("a stack needs at least two slides")
-    if not 0 <= reference < len(slides):
-        raise ValueError(f"reference must be a position 0..{len(slides) - 1}, not {reference}")
-    for path in slides:  # a bad slide fails now, before any registration
+    if not 0 <= reference < len(paths):
+        raise ValueError(f"reference must be a position 0..{len(paths) - 1}, not {reference}")
+    for path in paths:  # a bad slide fails now, before any registration
         open_slide(path)
-    out = Path(out).absolute()
-    check_batch_output(out, resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    names = slide_names(slides)
-    if threads is None and workers and scheduler is None:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
-    with contextlib.ExitStack() as context:
-        if workers and scheduler is None:  # one local cluster for registrations and warps
-            client = context.enter_context(cluster_client(None, workers, resources))
-            scheduler, workers = client.scheduler.address, None
-        cluster = {"scheduler": scheduler, "workers": workers, "threads": threads}
-        level = warp_level if write_warped else None
-        flags = {"resume": resume, "overwrite": overwrite, "warp_level": level}
-        report = _run(slides, names, reference, out, register_options, cluster, resources, **flags)
-    write_json(out / STACK_JSON, report, overwrite=True)
+    sections = _Sections(paths, slide_names(paths), reference, Path(out).absolute())
+    check_batch_output(sections.out, resume, overwrite)
+    sections.out.mkdir(parents=True, exist_ok=True)
+    options = task_options(options, execution)
+    with local_cluster(execution) as running:
+        report = _run(sections, options, running, resume, overwrite)
+    write_json(sections.out / STACK_JSON, report, overwrite=True)
     transforms = {e["name"]: Path(e["transform"]) for e in report["slides"]}
     warped = {e["name"]: Path(e["warped"]) for e in report["slides"] if e["warped"]}
-    return StackResult(out, names, names[reference], transforms, warped, report)
+    return StackResult(
+        sections.out, sections.names, sections.names[reference], transforms, warped, report
+    )
 
 
 def _run(
-    slides: list[Path],
-    names: list[str],
-    reference: int,
-    out: Path,
-    register_options: dict[str, Any],
-    cluster: dict[str, Any],
-    resources: dict[str, float] | None,
+    sections: _Sections,
+    options: RegisterOptions,
+    execution: Execution,
     resume: bool,
     overwrite: bool,
-    warp_level: int | None,
 ) -> dict[str, Any]:
-    """Register the neighbours, compose, warp (unless ``warp_level`` is None); the report."""
+    """Register the neighbours, compose, warp (unless ``options.write_warped`` is off); the
+    report."""
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    options = dict(register_options, write_warped=False)
-    folders = _register_neighbours(
-        slides, names, reference, out, options, cluster, resources, resume, overwrite
-    )
+    pairwise = replace(options, write_warped=False)
+    folders = _register_neighbours(sections, pairwise, execution, resume, overwrite)
     timings["register_s"] = time.perf_counter() - start
     transforms = {}
-    for i, name in enumerate(names):
-        path = out / "transforms" / name
-        transforms[name] = _compose(i, reference, slides, folders, path, resume, overwrite)
+    for i, name in enumerate(sections.names):
+        path = sections.out / "transforms" / name
+        transforms[name] = _compose(sections, i, folders, path, resume, overwrite)
     timings["compose_s"] = time.perf_counter() - start - timings["register_s"]
     warped: dict[str, Path] = {}
-    if warp_level is not None:
-        for i, name in enumerate(names):
-            path = out / f"{name}.ome.zarr"
-            warped[name] = _warp(
-                transforms[name], slides[i], path, warp_level, cluster, resume, overwrite
-            )
+    if options.write_warped:
+        what = WarpOptions(level=options.warp_level)
+        on = replace(execution, resources=None)  # warp chunks need no GPU: they claim nothing
+        for i, name in enumerate(sections.names):
+            path = sections.out / f"{name}.ome.zarr"
+            if not (resume and path.exists()):  # one interpolation of the composed chain
+                warp(
+                    transforms[name],
+                    sections.slides[i],
+                    path,
+                    what,
+                    execution=on,
+                    resume=resume,
+                    overwrite=overwrite,
+                )
+            warped[name] = path
     timings["warp_s"] = time.perf_counter() - start - timings["register_s"] - timings["compose_s"]
     timings["total_s"] = time.perf_counter() - start
-    return _report(slides, names, reference, folders, transforms, warped, options, timings)
+    return _report(sections, folders, transforms, warped, pairwise, timings)
 
 
 def _register_neighbours(
-    slides: list[Path],
-    names: list[str],
-    reference: int,
-    out: Path,
-    options: dict[str, Any],
-    cluster: dict[str, Any],
-    resources: dict[str, float] | None,
+    sections: _Sections,
+    options: RegisterOptions,
+    execution: Execution,
     resume: bool,
     overwrite: bool,
 ) -> dict[int, Path]:
     """Register each slide onto its neighbour towards the reference; their output folders."""
-    from wsireg.progress import is_quiet, progress
-
-    scheduler, workers, threads = cluster["scheduler"], cluster["workers"], cluster["threads"]
-    quiet = True if (scheduler is not None or workers) else is_quiet()
+    quiet = True if execution.distributed else is_quiet()
     folders: dict[int, Path] = {}
     tasks = []
-    for i in range(len(slides)):
-        if i == reference:
+    for i, slide in enumerate(sections.slides):
+        if i == sections.reference:
             continue
-        j = neighbour(i, reference)
-        folders[i] = out / "registrations" / f"{names[i]}-to-{names[j]}"
+        folders[i] = sections.registration(i)
         if resume and folders[i].is_dir():
             continue
-        pair = Pair(i, folders[i].name, str(slides[i].absolute()), str(slides[j].absolute()))
-        tasks.append(PairTask(pair, str(folders[i]), options, resume, overwrite, threads, quiet))
+        target = sections.slides[neighbour(i, sections.reference)]
+        pair = Pair(i, folders[i].name, str(slide.absolute()), str(target.absolute()))
+        tasks.append(PairTask(pair, str(folders[i]), options, resume, overwrite, quiet))
     with progress(len(tasks), "stack: register", unit="pair") as bar:
-        rows = run_tasks(
-            tasks,
-            scheduler=scheduler,
-            workers=workers,
-            resources=resources,
-            on_row=lambda _: bar.update(1),
-        )
+        rows = run_tasks(tasks, execution, on_row=lambda _: bar.update(1))
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         raise WsiregError(
@@ -201,31 +205,28 @@ def _register_neighbours(
 
 
 def _compose(
+    sections: _Sections,
     index: int,
-    reference: int,
-    slides: list[Path],
     folders: dict[int, Path],
     path: Path,
     resume: bool,
     overwrite: bool,
 ) -> Path:
     """Save the composed transform reference -> slide ``index`` at ``path``."""
-    from wsireg.engine.transform import SlideRef, Transform
-    from wsireg.io.slide import open_slide
-
     if resume and path.is_dir():
         return path
     check_output(path, overwrite)
-    if index == reference:
-        composed = Transform.identity(SlideRef.from_slide(open_slide(slides[reference])))
-        composed.parameters = {"stack": {"reference": str(slides[reference])}}
+    reference = sections.slides[sections.reference]
+    if index == sections.reference:
+        composed = Transform.identity(SlideRef.from_slide(open_slide(reference)))
+        composed.parameters = {"stack": {"reference": str(reference)}}
     else:
-        steps = chain(index, reference)
+        steps = chain(index, sections.reference)
         composed = Transform.compose([Transform.load(folders[k] / "transform") for k in steps])
         composed.parameters = {
             "stack": {
-                "reference": str(slides[reference]),
-                "chain": [str(slides[k]) for k in steps],
+                "reference": str(reference),
+                "chain": [str(sections.slides[k]) for k in steps],
             },
             **composed.parameters,
         }
@@ -233,37 +234,17 @@ def _compose(
     return path
 
 
-def _warp(
-    transform: Path,
-    slide: Path,
-    path: Path,
-    level: int,
-    cluster: dict[str, Any],
-    resume: bool,
-    overwrite: bool,
-) -> Path:
-    """One interpolation of ``slide`` through its composed transform into ``path``."""
-    from wsireg.engine.warp import warp
-
-    if resume and path.exists():
-        return path
-    return warp(transform, slide, path, level=level, resume=resume, overwrite=overwrite, **cluster)
-
-
 def _report(
-    slides: list[Path],
-    names: list[str],
-    reference: int,
+    sections: _Sections,
     folders: dict[int, Path],
     transforms: dict[str, Path],
     warped: dict[str, Path],
-    options: dict[str, Any],
+    options: RegisterOptions,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from wsireg import __version__
-
+    names, reference = sections.names, sections.reference
     entries = []
-    for i, (slide, name) in enumerate(zip(slides, names, strict=True)):
+    for i, (slide, name) in enumerate(zip(sections.slides, names, strict=True)):
         entries.append(
             {
                 "position": i,
@@ -280,7 +261,7 @@ def _report(
         "wsireg_version": __version__,
         "reference": names[reference],
         "slides": entries,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "options": options.to_json(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
 

@@ -52,7 +52,7 @@ class SmoothDeformation:
     support: float
     render_step: int = 8
 
-    def __dask_tokenize__(self) -> tuple:
+    def __dask_tokenize__(self) -> tuple[object, ...]:
         return (
             "SmoothDeformation",
             self.affine.tobytes(),
@@ -96,25 +96,6 @@ class SmoothDeformation:
         q = p + self.displacement(p)
         return q @ self.affine[:2, :2].T + self.affine[:2, 2]
 
-    def inverse(
-        self, points: np.ndarray, iterations: int = 100, tol: float = 1e-6
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``T^-1``: target points ``(N, 2)`` of source points ``(N, 2)`` by fixed-point
-        iteration ``y <- A^-1 p - u(y)``, and the residual ``|T(y) - p|`` ``(N,)`` in source
-        level-0 pixels. Converges when ``|grad u| < 1`` (true for :meth:`random`)."""
-        p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        inv = np.linalg.inv(self.affine)
-        q = p @ inv[:2, :2].T + inv[:2, 2]
-        y = q.copy()
-        for _ in range(iterations):
-            y_new = q - self.displacement(y)
-            done = np.max(np.abs(y_new - y), initial=0.0) < tol
-            y = y_new
-            if done:
-                break
-        residual = np.linalg.norm(self(y) - p, axis=1)
-        return y, residual
-
     def field(self, shape: tuple[int, int], downsample: float = 1.0) -> np.ndarray:
         """``u`` sampled on the grid of a level-0 image of ``shape`` ``(H, W)`` at
         ``downsample``: ``(2, H_d, W_d)`` float32 (x then y displacement, level-0 pixels), as a
@@ -128,7 +109,7 @@ class SmoothDeformation:
         return np.ascontiguousarray(u.reshape(hd, wd, 2).transpose(2, 0, 1))
 
     @classmethod
-    def random(
+    def random(  # noqa: PLR0913 - public keyword-only API: one keyword per part of the affine
         cls,
         shape: tuple[int, int],
         max_displacement: float,
@@ -182,7 +163,17 @@ class SmoothDeformation:
         return replace(deform, render_step=_render_step(curv))
 
 
-def _affine(h, w, rotation, translation, zoom, shear, flip) -> np.ndarray:
+def _affine(
+    h: int,
+    w: int,
+    rotation: float,
+    translation: tuple[float, float],
+    zoom: float,
+    shear: float,
+    flip: bool,
+) -> np.ndarray:
+    """The 3x3 affine of :meth:`SmoothDeformation.random`, about the centre of an ``(h, w)``
+    image."""
     c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
     th = math.radians(rotation)
     m = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
@@ -216,4 +207,3 @@ def _render_step(curvature: float) -> int:
     while s > 2 and s * s / 8.0 * curvature > _RENDER_TOL:
         s //= 2
     return s
-

@@ -8,12 +8,13 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from PIL import Image
 
-from wsireg.errors import OutputExistsError
-from wsireg.io.ngff import write_ome_tiff
+from wsireg.io.tiff import DEFAULT_TIFF_LAYOUT, TiffLayout, write_ome_tiff
 from wsireg.synthetic.deformation import PointMap, SmoothDeformation
 from wsireg.synthetic.texture import Stain, get_stain, get_texture
+
+#: What a render task needs to find its texture: ``(seed, extent (H, W), texture_downsample)``.
+TextureKey = tuple[int, tuple[int, int], float]
 
 # --------------------------------------------------------------------------------------------
 # Lazy slides, pairs, files
@@ -21,7 +22,11 @@ from wsireg.synthetic.texture import Stain, get_stain, get_texture
 
 
 def _render_chunk(
-    block_info=None, *, texture: tuple, stain: Stain, deformation: PointMap | None
+    block_info: dict | None = None,
+    *,
+    texture: TextureKey,
+    stain: Stain,
+    deformation: PointMap | None,
 ) -> np.ndarray:
     (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
     tex = get_texture(*texture)
@@ -69,7 +74,7 @@ def _split(n: int, chunk: int) -> tuple[int, ...]:
     return tuple(min(chunk, n - i) for i in range(0, n, chunk)) or (0,)
 
 
-def synthetic_pair(
+def synthetic_pair(  # noqa: PLR0913 - public keyword-only API: one keyword per documented knob
     shape: tuple[int, int],
     seed: int = 0,
     *,
@@ -145,56 +150,29 @@ def pair_landmarks(
     return target, truth(target)
 
 
-def write_synthetic_slide(
+def write_synthetic_slide(  # noqa: PLR0913 - public keyword-only API: synthetic_slide's knobs
     path: str | Path,
     shape: tuple[int, int],
+    *,
     seed: int = 0,
     stain: str | Stain = "he",
     deformation: PointMap | None = None,
     mpp: float = 0.5,
-    tile: int = 512,
-    compression: str = "jpeg",
+    layout: TiffLayout = DEFAULT_TIFF_LAYOUT,
     overwrite: bool = False,
-    *,
     texture_downsample: float = 1.0,
     extent: tuple[int, int] | None = None,
 ) -> Path:
     """Write a synthetic slide (see :func:`synthetic_slide`) as a pyramidal tiled OME-TIFF of
-    ``mpp`` um per level-0 pixel, in bounded memory, via :func:`wsireg.io.ngff.write_ome_tiff`."""
+    ``mpp`` um per level-0 pixel, laid out as ``layout``, in bounded memory, via
+    :func:`wsireg.io.tiff.write_ome_tiff`."""
     image = synthetic_slide(
         shape,
         seed,
         stain,
         deformation,
-        chunk=max(1024, tile),
+        chunk=max(1024, layout.tile),
         extent=extent,
         texture_downsample=texture_downsample,
     )
-    return write_ome_tiff(
-        image, path, mpp=(mpp, mpp), tile=tile, compression=compression, overwrite=overwrite
-    )
-
-
-def write_synthetic_png(
-    path: str | Path,
-    shape: tuple[int, int],
-    seed: int = 0,
-    stain: str | Stain = "he",
-    deformation: PointMap | None = None,
-    overwrite: bool = False,
-    *,
-    texture_downsample: float = 1.0,
-    extent: tuple[int, int] | None = None,
-) -> Path:
-    """Write a small synthetic image (PNG, JPEG, ... by suffix) of ``shape`` ``(H, W)``, e.g. an
-    ANHIR-style pair member; ``texture_downsample`` > 1 makes it look like a downsampled slide."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
-    h, w = int(shape[0]), int(shape[1])
-    if h * w > 400_000_000:
-        raise ValueError(f"{h}x{w} is too large for a single image; use write_synthetic_slide")
-    tex = get_texture(seed, extent or (h, w), texture_downsample)
-    Image.fromarray(tex.render(0, 0, h, w, stain, deformation)).save(path)
-    return path
-
+    return write_ome_tiff(image, path, layout=layout, mpp=(mpp, mpp), overwrite=overwrite)

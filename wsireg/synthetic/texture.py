@@ -25,11 +25,12 @@ Stains
     :meth:`Stain.jitter` perturbs dye colours and intensities.
 
 Deformations and pairs
-    :class:`SmoothDeformation` is ``T(x) = A @ (x + u(x))`` with ``u`` a sum of compactly supported
-    radial basis functions -- the same form as a wsireg transform. :func:`synthetic_pair` renders
-    the *source* as the plain texture and the *target* as the texture sampled at ``T(x)``, so the
-    returned ``truth`` is ``T`` itself, exact and analytic: ``source(truth(x)) ~ target(x)`` in
-    structure (the two are in different stains).
+    :class:`wsireg.synthetic.deformation.SmoothDeformation` is ``T(x) = A @ (x + u(x))`` with
+    ``u`` a sum of compactly supported radial basis functions -- the same form as a wsireg
+    transform. :func:`wsireg.synthetic.slides.synthetic_pair` renders the *source* as the plain
+    texture and the *target* as the texture sampled at ``T(x)``, so the returned ``truth`` is
+    ``T`` itself, exact and analytic: ``source(truth(x)) ~ target(x)`` in structure (the two are
+    in different stains).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
+import scipy.fft
+from scipy import ndimage
 
 from wsireg.core.stain import DAB, EOSIN_HE, HEMATOXYLIN, HEMATOXYLIN_HE
 from wsireg.synthetic.deformation import NODE_STEP, PointMap
@@ -181,7 +183,9 @@ class _FourierField:
     """Non-periodic smooth scalar fields ``(N,) -> (N, k)``: sums of random plane waves with
     wavelengths in ``[lo, hi]`` texture units, each output of unit standard deviation."""
 
-    def __init__(self, rng: np.random.Generator, k: int, lo: float, hi: float, terms: int = 10):
+    def __init__(
+        self, rng: np.random.Generator, k: int, lo: float, hi: float, terms: int = 10
+    ) -> None:
         wl = np.exp(rng.uniform(np.log(lo), np.log(hi), terms * k))
         ang = rng.uniform(0, 2 * np.pi, terms * k)
         self.freq = 2 * np.pi * np.stack([np.cos(ang), np.sin(ang)]) / wl  # (2, terms * k)
@@ -197,7 +201,9 @@ class _FourierField:
 class _PeriodicField:
     """A smooth scalar field of unit std, periodic with period ``P`` in x and y."""
 
-    def __init__(self, rng: np.random.Generator, period: int, max_wavenumber: int, terms: int = 16):
+    def __init__(
+        self, rng: np.random.Generator, period: int, max_wavenumber: int, terms: int = 16
+    ) -> None:
         k = rng.integers(-max_wavenumber, max_wavenumber + 1, (terms, 2))
         k[(k == 0).all(axis=1), 0] = 1
         self.k = 2 * np.pi * k / period
@@ -216,8 +222,6 @@ def _band_noise(
 ) -> np.ndarray:
     """Periodic band-pass noise ``(size, size)`` float32 of zero mean and unit std: white noise
     blurred by ``sigma_lo`` minus the same blurred by ``sigma_hi`` (pixels), through the FFT."""
-    import scipy.fft
-
     spec = scipy.fft.rfft2(rng.standard_normal((size, size), dtype=np.float32))
     fy = np.fft.fftfreq(size).astype(np.float32)[:, None] ** 2
     fx = np.fft.rfftfreq(size).astype(np.float32)[None, :] ** 2
@@ -240,7 +244,7 @@ def _blur_wrap(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(pad, (0, 0), sigma)[m:-m, m:-m]
 
 
-def _fold(canvas: np.ndarray, m: int, op: Callable = np.maximum) -> np.ndarray:
+def _fold(canvas: np.ndarray, m: int, op: np.ufunc = np.maximum) -> np.ndarray:
     """Fold a canvas drawn with a margin ``m`` onto the periodic tile it pads (combining with
     ``op``), so shapes crossing a tile edge reappear on the opposite edge."""
     p = canvas.shape[0] - 2 * m
@@ -279,7 +283,14 @@ def _fx(v: np.ndarray | float) -> np.ndarray:
     return np.round(np.asarray(v) * (1 << _SHIFT)).astype(np.int32)
 
 
-def _draw_ellipses(canvas, centres, axes, angles, values, m: int) -> None:
+def _draw_ellipses(
+    canvas: np.ndarray,
+    centres: np.ndarray,
+    axes: np.ndarray,
+    angles: np.ndarray,
+    values: np.ndarray,
+    m: int,
+) -> None:
     c = _fx(centres + m)
     a = _fx(axes)
     for (cx, cy), (ax, ay), ang, v in zip(c, a, angles, values, strict=True):
@@ -403,8 +414,6 @@ def _gland_tile(rng: np.random.Generator, p: int = _GLAND_PERIOD) -> np.ndarray:
 def _periodic_ids(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     """uint8 map: one random value in [1, 254] per connected component of ``mask`` on the
     periodic tile (components touching across opposite edges are one), 255 elsewhere."""
-    from scipy import ndimage
-
     labels, n = ndimage.label(mask)
     parent = np.arange(n + 1)
 
@@ -483,6 +492,11 @@ def _tiles(seed: int) -> _Tiles:
 # --------------------------------------------------------------------------------------------
 
 
+#: One base-tile layer of a texture: tile name, mip level, 2x3 affine from texture units to
+#: pixels of that mip level, period in those pixels (see ``TissueTexture._layer``).
+_Layer = tuple[str, int, np.ndarray, int]
+
+
 class TissueTexture:
     """A procedural tissue texture, deterministic from ``seed``.
 
@@ -490,12 +504,13 @@ class TissueTexture:
     there is only background). ``texture_downsample`` draws the texture as if the slide were
     downsampled by that factor: level-0 pixel ``p`` shows texture position
     ``texture_downsample * p`` (1 = native, nuclei ~12-15 px across, about 0.5 um/px).
-    Use :func:`get_texture` to share instances (the base tiles take ~1 s to build).
+    Use :func:`get_texture` to share instances (building the base tiles is the slow part).
 
     :meth:`structure_at` evaluates the texture exactly at any points; :meth:`render` and
     :meth:`structure` evaluate whole regions fast, interpolating the smooth fields between
     nodes every 16 px (the tissue outline every ``node_step`` = 4-16 px, finer for small
-    extents); the two agree to ~0.01 px in position.
+    extents); the two agree to well under a pixel in position (checked by
+    ``tests/test_synthetic.py::test_exact_and_block_paths_agree``).
     """
 
     def __init__(
@@ -523,7 +538,7 @@ class TissueTexture:
         octave = math.floor(math.log2(max(min(self.extent), 1) / 512))
         self.node_step = int(min(NODE_STEP, max(4, 2**octave)))
 
-    def _layer(self, rng: np.random.Generator, period: int, unit: float, which: str) -> tuple:
+    def _layer(self, rng: np.random.Generator, period: int, unit: float, which: str) -> _Layer:
         """One base-tile layer: (tile name, mip level, 2x3 affine from texture units to pixels
         of that mip level, period in those pixels), with a random rotation and offset."""
         spacing = self.texture_downsample / unit  # tile pixels per level-0 pixel
@@ -587,10 +602,6 @@ class TissueTexture:
         out = self._compose(maps[0], maps[1], aux.reshape(rows, cols, _AUX))
         return np.stack(out, -1).reshape(-1, 4)[:n]
 
-    def rgb_at(self, points: np.ndarray, stain: str | Stain = "he") -> np.ndarray:
-        """RGB uint8 ``(N, 3)`` at level-0 points ``(N, 2)`` ``(x, y)``."""
-        return get_stain(stain).rgb(self.structure_at(points))
-
     def structure(
         self, y0: int, x0: int, h: int, w: int, deformation: PointMap | None = None
     ) -> np.ndarray:
@@ -609,10 +620,18 @@ class TissueTexture:
     ) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of the level-0 region starting at row ``y0``, column ``x0``;
         with ``deformation``, pixel ``x`` shows the texture at ``deformation(x)`` (see
-        :func:`synthetic_slide` for the smoothness it needs)."""
+        :func:`wsireg.synthetic.slides.synthetic_slide` for the smoothness it needs)."""
         return self._render(y0, x0, h, w, get_stain(stain), deformation)
 
-    def _render(self, y0, x0, h, w, stain, deformation) -> np.ndarray:
+    def _render(
+        self,
+        y0: int,
+        x0: int,
+        h: int,
+        w: int,
+        stain: Stain | None,
+        deformation: PointMap | None,
+    ) -> np.ndarray:
         ch = 4 if stain is None else 3
         out = np.empty((h, w, ch), np.float32 if stain is None else np.uint8)
         step = _node_step(deformation)
@@ -625,7 +644,9 @@ class TissueTexture:
                 out[ya - y0 : yb - y0, xa - x0 : xb - x0] = part
         return out
 
-    def _block(self, by: int, bx: int, s: int, stain, deformation) -> np.ndarray:
+    def _block(
+        self, by: int, bx: int, s: int, stain: Stain | None, deformation: PointMap | None
+    ) -> np.ndarray:
         """One aligned ``BLOCK`` x ``BLOCK`` block: smooth fields on nodes every ``s`` pixels
         (the tissue mask on nodes every ``min(s, node_step)``), bilinearly upsampled, then the
         tiles are remapped."""
@@ -656,7 +677,9 @@ class TissueTexture:
         nodes = np.stack(np.meshgrid(g + bx, g + by), -1).reshape(-1, 2)
         return nodes if deformation is None else np.asarray(deformation(nodes), dtype=np.float64)
 
-    def _compose(self, map_cell: np.ndarray, map_gland: np.ndarray, aux: np.ndarray) -> tuple:
+    def _compose(
+        self, map_cell: np.ndarray, map_gland: np.ndarray, aux: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Nuclei, cytoplasm, stroma and tissue maps (float32, in [0, 1]) from the tile
         coordinates ``(h, w, 2)`` of both layers and the aux fields ``(h, w, 5)``; in stroma,
         crowded nuclei (the epithelial nuclei pattern) show where there is infiltrate.
@@ -784,4 +807,3 @@ def _node_step(deformation: PointMap | None) -> int:
     if deformation is None:
         return NODE_STEP
     return int(getattr(deformation, "render_step", 8))
-
