@@ -10,6 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from wsireg.core.stain import tissue_mask
 from wsireg.errors import SlideError
 from wsireg.io.convert import convert, output_format
 from wsireg.io.slide import check_level, open_slide
@@ -130,6 +131,26 @@ def test_plain_images_and_transparency(tmp_path: Path) -> None:
     jpg = open_slide(tmp_path / "c.jpg").level(0).compute().astype(int)
     assert np.abs(jpg - smooth).mean() < 3
     np.testing.assert_array_equal(open_slide(tmp_path / "flat.tif").level(0).compute(), rgb)
+
+
+def test_sixteen_bit_grey_png_reads_as_grey_rgb(tmp_path: Path) -> None:
+    """ANHIR-style 16-bit grey PNGs (the anhir-lobes table): the top 8 bits, as grey RGB."""
+    grey = (np.arange(64 * 48, dtype=np.uint32).reshape(64, 48) * 21).astype(np.uint16)
+    grey[0, 0], grey[0, 1] = 65535, 0
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as image:
+        assert image.mode.startswith("I")  # Pillow's 16-bit modes, not 8-bit L
+    rgb = open_slide(tmp_path / "g16.png").level(0).compute()
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 48, 3)
+    assert np.array_equal(rgb[..., 0], (grey >> 8).astype(np.uint8))
+    assert np.array_equal(rgb[..., 0], rgb[..., 2]) and rgb[0, 0, 0] == 255 and rgb[0, 1, 0] == 0
+
+
+def test_real_sixteen_bit_lobes_image_has_tissue(shared_data: Path) -> None:
+    path = shared_data / "anhir-lobes" / "lung-lobes_1" / "1-he.png"
+    rgb = open_slide(path).level(0).compute()
+    mask = tissue_mask(rgb, str(path))
+    assert 0.3 < mask.mean() < 0.9
 
 
 def test_read_outside_is_white_and_pickles(slides_dir: Path) -> None:

@@ -354,9 +354,18 @@ def _read_with_pillow(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PLAIN_PIXELS:
                 raise ValueError("too large for an untiled image: convert it to a tiled TIFF")
+            if image.mode.startswith("I;16") or image.mode == "I":
+                return _sixteen_bit_grey(np.asarray(image))
             if image.mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA")
             return np.asarray(image)
+
+
+def _sixteen_bit_grey(pixels: np.ndarray) -> np.ndarray:
+    """Pillow's 16-bit grey modes (``I;16*``, and ``I`` holding 16-bit values) as uint16."""
+    if pixels.dtype != np.uint16 and (pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535):
+        raise ValueError(f"grey values beyond 16 bits ({pixels.min()}..{pixels.max()})")
+    return pixels.astype(np.uint16)
 
 
 # --------------------------------------------------------------------------------------------
