@@ -1,25 +1,32 @@
-"""ANHIR accuracy and time: wsireg (and optionally elastix) on a pair table in the ANHIR format.
+"""ANHIR accuracy and time: wsireg (and elastix, side by side) on the validation table.
 
-For each pair (columns ``Target image``, ``Source image``, ``Target landmarks``,
-``Source landmarks``, paths relative to the CSV) wsireg registers the source onto the target,
-the source landmarks are mapped into the target with the transform (``T^-1``, what ANHIR
-evaluates) and rTRE = |mapped source landmark - target landmark| / target diagonal. Prints one
-JSON line per pair and method (median/mean rTRE, seconds), then a summary line per method
-(median and mean over pairs of the per-pair medians, mean time). Landmarks are used for
-evaluation only.
+Give one or more ANHIR pair tables (columns ``Target image``, ``Source image``, ``Target
+landmarks``, ``Source landmarks``, paths relative to the CSV; default: the validation table,
+``../shared/data/anhir-5pc`` and ``../shared/data/anhir-lobes``). For each pair wsireg registers
+the source onto the target, the source landmarks are mapped into the target
+(``source_to_target``, what ANHIR evaluates) and rTRE = |mapped source landmark - target
+landmark| / target diagonal. Landmarks are used for evaluation only. Each pair's row also holds
+two baselines: ``initial`` (no registration) and ``fitted_affine`` (the least-squares affine
+fitted to the landmarks themselves, the best any affine could do).
+
+Prints one JSON line per pair and method, then per method a summary line per table and one
+pooled over all tables: the median and mean of the per-pair median rTRE, the share of pairs
+whose median is below the fitted affine's, the pairs worse than without registration, and the
+mean seconds per pair (and of the nonrigid stage, for wsireg).
 
 ``--peer elastix`` runs itk-elastix (affine + B-spline; inverted grey, mutual information,
 multi-resolution) on the same pairs in the same run; itk-elastix is installed into its own
 virtual environment (``--peer-env``) if absent. elastix registers with the source as the fixed
-image, so transformix maps source landmarks into the target directly.
+image, so transformix maps source landmarks into the target directly. ``--set KEY=VALUE``
+passes any :class:`wsireg.run.settings.RegisterOptions` field (JSON values).
 
-    python benchmarks/anhir_accuracy.py ../shared/data/anhir-5pc/pairs.csv --peer elastix
+    python benchmarks/anhir_accuracy.py --peer elastix
+    python benchmarks/anhir_accuracy.py ../shared/data/anhir-5pc/pairs.csv --set weights=default
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import statistics
@@ -27,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +42,12 @@ import numpy as np
 from wsireg.engine.transform import Transform
 from wsireg.io.annotations import write_landmarks
 from wsireg.progress import set_quiet
-from wsireg.run.evaluate import landmarks as pair_landmarks
-from wsireg.run.evaluate import rtre
+from wsireg.run.evaluate import Landmarks, Pair, landmarks, read_pairs, rtre
 from wsireg.run.register import register
+from wsireg.run.settings import RegisterOptions
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VALIDATION = (SHARED / "anhir-5pc" / "pairs.csv", SHARED / "anhir-lobes" / "pairs.csv")
 
 PEER_SCRIPT = r"""
 import json, sys, time
@@ -45,11 +56,11 @@ import numpy as np
 fixed_path, moving_path, points_in, points_out = sys.argv[1:5]
 
 def grey(path):
-    rgb = itk.imread(path, itk.RGBPixel[itk.UC])
-    arr = itk.array_from_image(rgb).astype(np.float32)
-    g = 255.0 - arr.mean(axis=-1)          # inverted grey: tissue bright, background dark
-    img = itk.image_from_array(g.astype(np.float32))
-    return img
+    arr = itk.array_from_image(itk.imread(path)).astype(np.float32)
+    if arr.ndim == 3:                      # colour: mean of the channels
+        arr = arr[..., :3].mean(axis=-1)
+    g = arr.max() - arr                    # inverted grey: tissue bright, background dark
+    return itk.image_from_array(np.ascontiguousarray(g))
 
 t0 = time.perf_counter()
 fixed, moving = grey(fixed_path), grey(moving_path)
@@ -86,52 +97,70 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
-def read_pairs(table: Path) -> list[dict[str, str]]:
-    with open(table, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    base = table.parent
-    pairs = []
-    for row in rows:
-        pairs.append(
-            {
-                "name": Path(row["Source image"]).parent.parent.name.strip("_")
-                or Path(row["Source image"]).stem,
-                "source": str(base / row["Source image"]),
-                "target": str(base / row["Target image"]),
-                "source_landmarks": str(base / row["Source landmarks"]),
-                "target_landmarks": str(base / row["Target landmarks"]),
-            }
-        )
-    return pairs
+@dataclass(frozen=True)
+class Case:
+    """One pair of one table, its landmarks and their baselines."""
+
+    table: str
+    pair: Pair
+    marks: Landmarks
+    initial: float
+    """Median rTRE without registration."""
+    fitted_affine: float
+    """Median rTRE of the least-squares affine fitted to the landmarks."""
 
 
-def landmarks(pair: dict[str, str]) -> tuple[np.ndarray, np.ndarray, float]:
-    """First min(n_source, n_target) landmarks and the target diagonal (wsireg.run.evaluate)."""
-    marks = pair_landmarks(pair["source_landmarks"], pair["target_landmarks"], pair["target"])
-    return marks.source, marks.target, marks.diagonal
+def fitted_affine_rtre(marks: Landmarks) -> np.ndarray:
+    """rTRE of the affine ``source -> target`` fitted to the landmarks by least squares."""
+    design = np.hstack([marks.source, np.ones((len(marks.source), 1))])
+    coef, *_ = np.linalg.lstsq(design, marks.target, rcond=None)
+    return rtre(design @ coef, marks.target, marks.diagonal)
 
 
-def run_wsireg(pair: dict[str, str], workdir: Path, options: dict) -> dict:
-    src, tgt, diag = landmarks(pair)
+def cases(tables: list[Path]) -> list[Case]:
+    out = []
+    for table in tables:
+        name = table.parent.name
+        for pair in read_pairs(table):
+            if not pair.has_landmarks:
+                continue
+            marks = landmarks(pair.source_landmarks, pair.target_landmarks, pair.target)
+            initial = float(np.median(rtre(marks.source, marks.target, marks.diagonal)))
+            fitted = float(np.median(fitted_affine_rtre(marks)))
+            out.append(Case(name, pair, marks, initial, fitted))
+    return out
+
+
+def row(case: Case, method: str, mapped: np.ndarray, seconds: float) -> dict:
+    errors = rtre(mapped, case.marks.target, case.marks.diagonal)
+    return {
+        "method": method,
+        "table": case.table,
+        "pair": case.pair.name,
+        "median_rtre": float(np.median(errors)),
+        "mean_rtre": float(errors.mean()),
+        "initial_median_rtre": case.initial,
+        "fitted_affine_median_rtre": case.fitted_affine,
+        "seconds": seconds,
+    }
+
+
+def run_wsireg(case: Case, workdir: Path, options: RegisterOptions) -> dict:
+    src = case.marks.source
     start = time.perf_counter()
-    result = register(
-        pair["source"], pair["target"], workdir / pair["name"], overwrite=True, **options
-    )
+    out = workdir / case.table / case.pair.name
+    result = register(case.pair.source, case.pair.target, out, options, overwrite=True)
     seconds = time.perf_counter() - start
     mapped, residual = result.transform.map_points(src, "source_to_target")
     affine = Transform.from_affine(
         result.transform.initial_affine, result.transform.target, result.transform.source
     )
     affine_mapped, _ = affine.map_points(src, "source_to_target")
-    errors, affine_errors = rtre(mapped, tgt, diag), rtre(affine_mapped, tgt, diag)
-    return {
-        "method": "wsireg",
-        "pair": pair["name"],
-        "median_rtre": float(np.median(errors)),
-        "mean_rtre": float(errors.mean()),
+    affine_errors = rtre(affine_mapped, case.marks.target, case.marks.diagonal)
+    return row(case, "wsireg", mapped, seconds) | {
         "affine_median_rtre": float(np.median(affine_errors)),
         "inverse_residual_px_max": float(residual.max()),
-        "seconds": seconds,
+        "nonrigid_seconds": result.report["timings_s"]["nonrigid_s"],
         "timings": result.report["timings_s"],
     }
 
@@ -147,23 +176,15 @@ def peer_python(env: Path) -> Path:
     return python
 
 
-def run_elastix(pair: dict[str, str], python: Path) -> dict:
-    src, tgt, diag = landmarks(pair)
+def run_elastix(case: Case, python: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         points_in = Path(tmp) / "source.csv"
-        write_landmarks(points_in, src)
+        write_landmarks(points_in, case.marks.source)
         points_out = Path(tmp) / "mapped.csv"
         start = time.perf_counter()
         done = subprocess.run(
-            [
-                str(python),
-                "-c",
-                PEER_SCRIPT,
-                pair["source"],
-                pair["target"],
-                str(points_in),
-                str(points_out),
-            ],
+            [str(python), "-c", PEER_SCRIPT, case.pair.source, case.pair.target]
+            + [str(points_in), str(points_out)],
             check=True,
             capture_output=True,
             text=True,
@@ -171,66 +192,68 @@ def run_elastix(pair: dict[str, str], python: Path) -> dict:
         seconds = time.perf_counter() - start
         inner = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         mapped = np.loadtxt(points_out, delimiter=",", ndmin=2)
-    errors = rtre(mapped, tgt, diag)
-    return {
-        "method": "elastix",
-        "pair": pair["name"],
-        "median_rtre": float(np.median(errors)),
-        "mean_rtre": float(errors.mean()),
-        "seconds": seconds,
-        "registration_seconds": inner,
-    }
+    return row(case, "elastix", mapped, seconds) | {"registration_seconds": inner}
 
 
-def summary(method: str, rows: list[dict]) -> dict:
+def summary(method: str, table: str, rows: list[dict]) -> dict:
     medians = [r["median_rtre"] for r in rows]
-    return {
+    below = sum(r["median_rtre"] < r["fitted_affine_median_rtre"] for r in rows)
+    out = {
         "method": method,
-        "summary": True,
+        "summary": table,
         "pairs": len(rows),
         "median_of_medians_rtre": statistics.median(medians),
         "mean_of_medians_rtre": statistics.fmean(medians),
+        "share_below_fitted_affine": below / len(rows),
+        "pairs_worse_than_initial": sum(r["median_rtre"] > r["initial_median_rtre"] for r in rows),
         "mean_seconds": statistics.fmean(r["seconds"] for r in rows),
     }
+    if "nonrigid_seconds" in rows[0]:
+        out["mean_nonrigid_seconds"] = statistics.fmean(r["nonrigid_seconds"] for r in rows)
+    return out
+
+
+def register_options(args: argparse.Namespace) -> RegisterOptions:
+    values = {"weights": args.weights, "refine": args.refine, "write_warped": True}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            values[key] = json.loads(value)
+        except ValueError:
+            values[key] = value
+    return RegisterOptions(**{k: v for k, v in values.items() if v is not None})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("pairs", type=Path)
+    parser.add_argument("tables", type=Path, nargs="*", default=list(VALIDATION))
     parser.add_argument("--peer", choices=["elastix"], default=None)
     parser.add_argument("--peer-env", type=Path, default=Path("/tmp/wsireg-elastix-env"))
+    parser.add_argument("--no-wsireg", action="store_true", help="run only the peer")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--weights", default="none", help="none | default | PATH")
+    parser.add_argument("--weights", default=None, help="none | default | PATH")
     parser.add_argument("--refine", type=int, default=None)
-    parser.add_argument("--level", type=int, default=None)
-    parser.add_argument("--levels", type=int, default=None)
-    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     set_quiet(True)
-    options = {
-        "weights": None if args.weights == "none" else args.weights,
-        "refine": args.refine,
-        "level": args.level,
-        "levels": args.levels,
-        "iterations": args.iterations,
-        "write_warped": True,
-    }
+    options = register_options(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="wsireg-anhir-"))
-    pairs = read_pairs(args.pairs)
-    results: dict[str, list[dict]] = {"wsireg": []}
-    for pair in pairs:
-        row = run_wsireg(pair, workdir, options)
-        results["wsireg"].append(row)
-        print(json.dumps(row), flush=True)
+    todo = cases(args.tables)
+    results: dict[str, list[dict]] = {}
+    if not args.no_wsireg:
+        print(json.dumps({"options": options.to_json()}), flush=True)
+        for case in todo:
+            results.setdefault("wsireg", []).append(run_wsireg(case, workdir, options))
+            print(json.dumps(results["wsireg"][-1]), flush=True)
     if args.peer == "elastix":
         python = peer_python(args.peer_env)
-        results["elastix"] = []
-        for pair in pairs:
-            row = run_elastix(pair, python)
-            results["elastix"].append(row)
-            print(json.dumps(row), flush=True)
+        for case in todo:
+            results.setdefault("elastix", []).append(run_elastix(case, python))
+            print(json.dumps(results["elastix"][-1]), flush=True)
     for method, rows in results.items():
-        print(json.dumps(summary(method, rows)), flush=True)
+        for table in dict.fromkeys(r["table"] for r in rows):
+            print(json.dumps(summary(method, table, [r for r in rows if r["table"] == table])))
+        print(json.dumps(summary(method, "pooled", rows)), flush=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
