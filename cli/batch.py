@@ -14,6 +14,7 @@ import click
 from wsireg.engine.parallel import Execution
 
 from .main import cli, quiet_option
+from .options import check_output_place
 from .register import options_from_cli, register_options
 
 
@@ -71,7 +72,11 @@ def execution_from_cli(values: dict) -> Execution:
     help="Output directory: one register output per pair, summary.csv, summary.json.",
 )
 @cluster_options
-@click.option("--resume", is_flag=True, help="Skip complete pairs, continue interrupted ones.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip complete pairs, continue interrupted ones (same inputs and options, else refused).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing pair outputs.")
 @register_options
 def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **values) -> None:
@@ -85,6 +90,7 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **values) -> No
     from wsireg.run.batch import batch as run
     from wsireg.run.evaluate import format_table
 
+    check_output_place(out, [pairs])
     execution = execution_from_cli(values)
     options = options_from_cli(values)
     document = run(pairs, out, options, execution=execution, resume=resume, overwrite=overwrite)
@@ -163,6 +169,7 @@ def stack(
         raise click.BadParameter(
             f"must be a position 0..{len(slides) - 1}", param_hint="--reference"
         )
+    check_output_place(out, list(slides))
     execution = execution_from_cli(values)
     options = options_from_cli(values)
     result = run(

@@ -1,39 +1,75 @@
 """Entry point of the ``wsireg`` command: the click group and the error policy.
 
-Every verb is a thin layer over :mod:`wsireg`. A :class:`wsireg.errors.WsiregError` is printed as
-one line ``wsireg: error: <file>: <problem>`` on stderr with exit code 1.
+Every verb is a thin layer over :mod:`wsireg`. Whatever stops a verb ends as one line
+``wsireg: error: <file or option>: <problem>`` on stderr and a non-zero exit, never a
+traceback (``wsireg --debug VERB ...`` shows it): a bad option (exit 2, click's message on one
+line), a :class:`wsireg.errors.WsiregError` (it names the file), an ``OSError`` (its file and
+cause: a read-only folder, a full disk), a ``ValueError`` from the data (a decode error), and,
+last, any other error, named by its type (exit 1; :func:`wsireg.errors.error_line`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from wsireg import __version__
 from wsireg.engine.parallel import limit_malloc_arenas
-from wsireg.errors import WsiregError
+from wsireg.errors import WsiregError, error_line
 from wsireg.progress import set_quiet
+
+#: click >= 8.2 raises this for a group called without arguments (older versions print the help).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class _Group(click.Group):
-    """Turns library errors into one-line messages and a non-zero exit."""
+    """Turns every error into one line on stderr and a non-zero exit."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `wsireg` alone: the help, as click prints it
+            click.echo(exc.format_message(), err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"wsireg: error: {' '.join(exc.format_message().split())}", err=True)
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("wsireg: error: aborted", err=True)
+            code = 1
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except WsiregError as exc:
-            click.echo(f"wsireg: error: {exc}", err=True)
-            sys.exit(1)
-        except MemoryError:
-            click.echo("wsireg: error: out of memory", err=True)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # every error ends as one line (a traceback with --debug)
+            if ctx.params.get("debug"):
+                raise
+            hint = "" if isinstance(exc, (WsiregError, OSError)) else " (--debug shows where)"
+            click.echo(f"wsireg: error: {error_line(exc)}{hint}", err=True)
             sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsireg")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def cli(quiet: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def cli(quiet: bool, debug: bool) -> None:
     """Register whole-slide histology images out of core and write OME-Zarr."""
     limit_malloc_arenas()
     set_quiet(quiet)

@@ -13,6 +13,15 @@ from typing import TYPE_CHECKING
 import click
 
 from .main import cli, quiet_option
+from .options import (
+    BLOCK,
+    PATCH_MULTIPLE,
+    Divisor,
+    FiniteFloat,
+    Multiple,
+    check_output_place,
+    check_patch_and_stride,
+)
 
 if TYPE_CHECKING:  # annotations only: importing it loads torch
     from wsireg.run.settings import RegisterOptions
@@ -23,19 +32,41 @@ def register_options(function):  # type: ignore[no-untyped-def]
     options = [
         click.option(
             "--level",
-            type=int,
+            type=click.IntRange(min=0),
             default=None,
             help="Finest target level of the field (0 = full resolution; default: "
             "from the slide size, about 2048 px on the longest side).",
         ),
-        click.option("--levels", type=int, default=None, help="Pyramid levels N."),
-        click.option("--iterations", type=int, default=None, help="Iterations per level M."),
-        click.option("--patch", type=int, default=None, help="Patch size P (px of a level)."),
-        click.option("--stride", type=int, default=None, help="Stride S."),
-        click.option("--group", type=int, default=None, help="Patches per network call G."),
+        click.option(
+            "--levels", type=click.IntRange(1, 12), default=None, help="Pyramid levels N."
+        ),
+        click.option(
+            "--iterations",
+            type=click.IntRange(1, 100),
+            default=None,
+            help="Iterations per level M.",
+        ),
+        click.option(
+            "--patch",
+            type=Multiple(PATCH_MULTIPLE, min=PATCH_MULTIPLE, max=BLOCK),
+            default=None,
+            help="Patch size P (px of a level).",
+        ),
+        click.option(
+            "--stride",
+            type=Divisor(BLOCK, min=2),
+            default=None,
+            help="Stride S (at most P, P - S even).",
+        ),
+        click.option(
+            "--group",
+            type=click.IntRange(1, 4096),
+            default=None,
+            help="Patches per network call G.",
+        ),
         click.option(
             "--refine",
-            type=int,
+            type=click.IntRange(0, 10000),
             default=None,
             help="Instance-optimisation steps per block and level (default: 0 with "
             "weights, 40 without).",
@@ -61,7 +92,7 @@ def register_options(function):  # type: ignore[no-untyped-def]
         ),
         click.option(
             "--warp-level",
-            type=int,
+            type=click.IntRange(min=0),
             default=0,
             show_default=True,
             help="Target level of warped.ome.zarr.",
@@ -79,6 +110,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
     from wsireg.run.settings import RegisterOptions  # here: the CLI starts without torch
 
     weights = values.pop("weights")
+    check_patch_and_stride(values["patch"], values["stride"])
     return RegisterOptions(
         level=values.pop("level"),
         levels=values.pop("levels"),
@@ -107,16 +139,37 @@ def options_from_cli(values: dict) -> RegisterOptions:
     help="Output directory (transform/, warped.ome.zarr, qc/, report.json).",
 )
 @register_options
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run into OUT (same inputs and options, else refused).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def register(
-    source: Path, target: Path, out: Path, resume: bool, overwrite: bool, **values
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail (exit 1, nothing written) when the quality gate finds the registration "
+    "implausible (default: a warning on stderr, the verdict in report.json).",
+)
+def register(  # noqa: PLR0913 - click passes each option as one argument
+    source: Path,
+    target: Path,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    strict: bool,
+    **values,
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
+    from wsireg.run.register import quality_warning
     from wsireg.run.register import register as run
 
+    check_output_place(out, [source, target])
     options = options_from_cli(values)
-    result = run(source, target, out, options, resume=resume, overwrite=overwrite)
+    result = run(source, target, out, options, resume=resume, overwrite=overwrite, strict=strict)
+    quality = result.report["quality"]
+    if not quality["plausible"]:
+        click.echo(f"wsireg: warning: {out}: {quality_warning(quality)}", err=True)
     sim = result.report.get("similarity", {})
     click.echo(
         f"{out}: similarity before {sim.get('before', float('nan')):.3f}, affine "
@@ -128,12 +181,20 @@ def register(
 @cli.command()
 @quiet_option
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--size", default=4096, show_default=True, help="Side of the synthetic slides.")
-@click.option("--seed", default=7, show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(512, 65536),
+    default=4096,
+    show_default=True,
+    help="Side of the synthetic slides.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=7, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
     """Register a synthetic pair with a known deformation and print the error."""
     from wsireg.run.demo import run_demo
+
+    check_output_place(out, [])
 
     summary = run_demo(out, size=size, seed=seed, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
@@ -149,15 +210,21 @@ def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
     required=True,
     help="The deformed slide (.ome.tif or .ome.zarr); the truth goes to OUT.truth/.",
 )
-@click.option("--rotation", default=0.0, show_default=True, help="Degrees about the centre.")
+@click.option(
+    "--rotation",
+    type=FiniteFloat(-360, 360),
+    default=0.0,
+    show_default=True,
+    help="Degrees about the centre.",
+)
 @click.option(
     "--max-displacement",
-    type=float,
+    type=FiniteFloat(min=0),
     default=None,
     help="Largest nonrigid displacement, level-0 px (default 0.5 % of the size).",
 )
 @click.option("--flip", is_flag=True, help="Mirror the slide too.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 def deform(
     slide: Path,
@@ -170,6 +237,8 @@ def deform(
 ) -> None:
     """Write SLIDE through a known random deformation (a test pair with exact truth)."""
     from wsireg.run.deform import deform_slide
+
+    check_output_place(out, [slide])
 
     written, truth = deform_slide(
         slide,

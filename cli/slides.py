@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .main import cli, quiet_option
+from .options import MAX_CHUNK, MIN_CHUNK, Multiple, check_output_place
 
 
 @cli.command()
@@ -56,9 +57,27 @@ def info(slide: Path, as_json: bool) -> None:
     default=None,
     help="Output format (default: from OUT's suffix; .tif/.tiff -> OME-TIFF, else OME-Zarr).",
 )
-@click.option("--level", default=0, show_default=True, help="Slide level to convert.")
-@click.option("--chunk", default=1024, show_default=True, help="OME-Zarr chunk side (px).")
-@click.option("--tile", default=512, show_default=True, help="OME-TIFF tile side (px).")
+@click.option(
+    "--level",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Slide level to convert.",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(MIN_CHUNK, MAX_CHUNK),
+    default=1024,
+    show_default=True,
+    help="OME-Zarr chunk side (px).",
+)
+@click.option(
+    "--tile",
+    type=Multiple(16, 16, 4096),
+    default=512,
+    show_default=True,
+    help="OME-TIFF tile side (px).",
+)
 @click.option(
     "--compression",
     type=click.Choice(["jpeg", "zlib", "zstd", "none"]),
@@ -88,15 +107,18 @@ def convert(  # noqa: PLR0913 - click passes each option as one argument
     """Convert any readable SLIDE to a multiscale OME-Zarr or pyramidal OME-TIFF (OUT)."""
     from wsireg.io.convert import convert as convert_slide
     from wsireg.io.ngff import ZarrLayout
+    from wsireg.io.slide import open_slide
     from wsireg.io.tiff import TiffLayout
 
-    convert_slide(
-        slide,
-        out,
-        level=level,
-        fmt=fmt,
-        zarr_layout=ZarrLayout(chunk=chunk, ngff_version=ngff_version),
-        tiff_layout=TiffLayout(tile=tile, compression=compression),
-        overwrite=overwrite,
-    )
+    with open_slide(slide) as opened:  # a bad input is named before a bad output place
+        check_output_place(out, [slide])
+        convert_slide(
+            opened,
+            out,
+            level=level,
+            fmt=fmt,
+            zarr_layout=ZarrLayout(chunk=chunk, ngff_version=ngff_version),
+            tiff_layout=TiffLayout(tile=tile, compression=compression),
+            overwrite=overwrite,
+        )
     click.echo(str(out))

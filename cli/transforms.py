@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .main import cli, quiet_option
+from .options import MAX_CHUNK, MIN_CHUNK, FiniteFloat, check_output_place
 
 TRANSFORM = click.Path(path_type=Path)
 
@@ -28,6 +29,7 @@ TRANSFORM = click.Path(path_type=Path)
 )
 @click.option(
     "--level",
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Target level of the output grid (0 = full resolution).",
@@ -46,22 +48,32 @@ TRANSFORM = click.Path(path_type=Path)
     default=None,
     help="Output format (default: from OUT's suffix).",
 )
-@click.option("--chunk", default=1024, show_default=True, help="Output chunk side (px).")
+@click.option(
+    "--chunk",
+    type=click.IntRange(MIN_CHUNK, MAX_CHUNK),
+    default=1024,
+    show_default=True,
+    help="Output chunk side (px).",
+)
 @click.option("--ngff-version", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True)
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler.")
 @click.option(
     "--workers",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Start a local dask.distributed cluster of N worker processes.",
 )
 @click.option(
     "--threads",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Threads (threaded scheduler) or threads per worker (cluster).",
 )
-@click.option("--resume", is_flag=True, help="Continue an interrupted warp of the same inputs.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted warp of the same inputs, transform and options (else refused).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def warp(  # noqa: PLR0913 - click passes each option as one argument
     transform: Path,
@@ -87,6 +99,7 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
 
     if scheduler and workers:
         raise click.UsageError("give --scheduler or --workers, not both")
+    check_output_place(out, [transform, source])
     run_warp(
         transform,
         source,
@@ -126,6 +139,7 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
     from wsireg.engine.transform import Transform
     from wsireg.io.annotations import read_landmarks, write_landmarks
 
+    check_output_place(out, [transform, points])
     loaded = Transform.load(transform)
     mapped, residual = loaded.map_points(read_landmarks(points), _direction(inverse))
     write_landmarks(out, mapped, overwrite=overwrite)
@@ -146,11 +160,12 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
 )
 @click.option(
     "--max-segment",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Densify edges longer than this (level-0 px; default: half the field "
     "spacing, none for affine-only transforms).",
 )
+@click.option("--no-densify", is_flag=True, help="Map the vertices only (no densification).")
 @click.option(
     "--pixel-origin",
     type=click.Choice(["corner", "centre"]),
@@ -165,6 +180,7 @@ def warp_geojson(
     out: Path,
     inverse: bool,
     max_segment: float | None,
+    no_densify: bool,
     pixel_origin: str,
     overwrite: bool,
 ) -> None:
@@ -172,15 +188,27 @@ def warp_geojson(
     from wsireg.engine.transform import Transform
     from wsireg.io.annotations import map_geojson, read_geojson, write_geojson
 
+    check_output_place(out, [transform, annotations])
     loaded = Transform.load(transform)
     document = read_geojson(annotations)
-    if max_segment is None:
+    if no_densify and max_segment is not None:
+        raise click.UsageError("give --max-segment or --no-densify, not both")
+    if max_segment is None and not no_densify:
         spacing = [s.field_downsample for s in loaded.stages if s.field is not None]
         max_segment = min(spacing) / 2 if spacing else None
+    # the slide the annotations are drawn on: densification covers it only
+    height, width = (loaded.target if inverse else loaded.source).shape
 
     def mapper(xy):  # type: ignore[no-untyped-def]
         return loaded.map_points(xy, _direction(inverse))[0]
 
-    mapped = map_geojson(document, mapper, max_segment=max_segment, pixel_origin=pixel_origin)
+    mapped = map_geojson(
+        document,
+        mapper,
+        max_segment=max_segment,
+        pixel_origin=pixel_origin,
+        extent=(width, height),
+        name=annotations,
+    )
     write_geojson(out, mapped, overwrite=overwrite)
     click.echo(str(out))

@@ -146,8 +146,7 @@ def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run
         "-o",
         tmp_path / "back.geojson",
         "--inverse",
-        "--max-segment",
-        "0",
+        "--no-densify",
     )
     assert result.exit_code == 0
     back = json.loads((tmp_path / "back.geojson").read_text())["features"]

@@ -206,12 +206,17 @@ def test_level_arguments_are_checked_against_the_target_slide(
     from wsireg.io.slide import open_slide
 
     count = open_slide(pair["target"]).level_count
-    for bad in (["--level", "-1"], ["--level", str(count)], ["--warp-level", "-1"]):
+    for bad, code, name in (
+        (["--level", "-1"], 2, "--level"),  # refused by the option's range
+        (["--level", str(count)], 1, "target.ome.tif"),  # refused by the slide
+        (["--warp-level", "-1"], 2, "--warp-level"),
+        (["--warp-level", "99"], 1, "target.ome.tif"),
+    ):
         out = tmp_path / "o"
         result = run_cli("register", pair["source"], pair["target"], "-o", out, *bad)
-        assert result.exit_code == 1, (bad, result.output)
+        assert result.exit_code == code, (bad, result.output)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "target.ome.tif" in lines[0] and "level" in lines[0], bad
+        assert len(lines) == 1 and name in lines[0] and "level" in lines[0], bad
         assert not out.exists() and not (tmp_path / ".o.partial").exists()
 
 

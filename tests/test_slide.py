@@ -237,10 +237,11 @@ def test_one_level_rule(slides_dir: Path, tmp_path: Path, run_cli) -> None:
     src = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
     with open_slide(src) as slide, pytest.raises(SlideError, match="levels 0..1"):
         slide.level(2)
-    for level in ("-1", "2"):
-        result = run_cli("convert", src, tmp_path / "o.ome.zarr", "--level", level)
-        assert result.exit_code == 1
-        assert f"{src}: no level {level} (levels 0..1)" in result.stderr
+    result = run_cli("convert", src, tmp_path / "o.ome.zarr", "--level", "2")
+    assert result.exit_code == 1
+    assert f"{src}: no level 2 (levels 0..1)" in result.stderr
+    result = run_cli("convert", src, tmp_path / "o.ome.zarr", "--level", "-1")
+    assert result.exit_code == 2 and "--level" in result.stderr  # refused by its range
     assert not (tmp_path / "o.ome.zarr").exists()
 
 

@@ -26,6 +26,17 @@ class OutputExistsError(WsiregError):
         super().__init__(f"{self.path}: output exists (use --overwrite to replace it)")
 
 
+class OutputError(WsiregError):
+    """An output cannot be written where it was asked for: it would replace or lie inside an
+    input, it is the working directory or an ancestor, another run is writing it, a staged
+    output belongs to another run, or the file system refuses it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = _one_line(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+
 class TransformError(WsiregError):
     """A transform directory is missing, corrupted or does not fit its slides."""
 
@@ -42,6 +53,22 @@ class InputError(WsiregError):
         self.path = str(path)
         self.reason = _one_line(reason)
         super().__init__(f"{self.path}: {self.reason}")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line describing ``exc``: a wsireg error as it is (it names the file), an
+    ``OSError`` as its file and cause (a read-only folder, a full disk), else its type and
+    message."""
+    if isinstance(exc, WsiregError):
+        text = str(exc)
+    elif isinstance(exc, MemoryError):
+        text = "out of memory"
+    elif isinstance(exc, OSError):
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        text = f"{exc.filename}: {cause}" if exc.filename is not None else cause
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return _one_line(text) if text.strip() else type(exc).__name__
 
 
 def _one_line(text: str) -> str:

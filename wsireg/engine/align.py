@@ -5,7 +5,10 @@ background, points ``(x, y)``, coordinates in **level-0 pixels** with pixel cent
 and an affine ``A`` (3x3, homogeneous) maps a **target** (fixed) level-0 position to the
 **source** (moving) level-0 position (backward mapping). The images given to :func:`align` are
 levels of their slides at ``source_downsample`` / ``target_downsample`` (e.g. thumbnails of
-<= 1024 px); the result is in level-0 pixels of each slide.
+<= 1024 px); the result is in level-0 pixels of each slide. Slides whose level-0 pixels differ
+in size (``physical_scale``: source level-0 pixels per target level-0 pixel) are matched in one
+physical frame, the target's pixel grid (:func:`_to_target_units`), and the result is converted
+back to source level-0 pixels at the end.
 
 Algorithm (:func:`align`; sizes are pixels across the tissue's bounding box, not the slide):
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -49,12 +52,14 @@ from wsireg.core.coords import grid_to_level0_affine
 from wsireg.core.losses import box_mean_replicate, local_ncc
 from wsireg.core.stain import background_rgb, check_rgb, relative_od_magnitude, tissue_mask
 from wsireg.engine.parallel import torch_threads
+from wsireg.errors import WsiregError
 
 __all__ = [
     "AlignConfig",
     "AlignResult",
     "align",
     "decompose_affine",
+    "similarity_on_grid",
     "stain_representation",
 ]
 
@@ -606,6 +611,33 @@ def decompose_affine(matrix: np.ndarray) -> tuple[float, bool]:
     return angle, flipped
 
 
+def similarity_on_grid(
+    target_rgb: np.ndarray, warped_rgb: np.ndarray, config: AlignConfig | None = None
+) -> float:
+    """The similarity :func:`align` reports (:attr:`AlignResult.similarity_after`: local NCC
+    of the stain representations over the target's tissue crop, at the finest working size)
+    of a target and a source already warped onto the same grid (e.g. a registration's QC
+    thumbnails); 0 when the warped source shows no tissue there."""
+    cfg = config or AlignConfig()
+    with torch_threads(cfg.threads):
+        target = _find_tissue(target_rgb, 1.0, "target")
+        y0, x0 = int(target.to_level0[1, 2]), int(target.to_level0[0, 2])
+        h, w = target.mask.shape
+        crop = warped_rgb[y0 : y0 + h, x0 : x0 + w]
+        try:
+            mask = tissue_mask(crop, "warped source")
+        except WsiregError:
+            return 0.0
+        warped = _Tissue(crop, mask, target.to_level0, target.extent)
+        size = cfg.pyramid[-1]
+        spacing = target.extent / size
+        images = [_represent(t, spacing, cfg.representation) for t in (target, warped)]
+        window = _odd(cfg.window_fraction * size)
+        t, s = (torch.from_numpy(image.data)[None, None] for image in images)
+        with torch.no_grad():
+            return float(_lncc(t, s, window)[0])
+
+
 def _odd(x: float) -> int:
     """Nearest odd integer >= 3."""
     return max(3, 2 * int(round((x - 1) / 2)) + 1)
@@ -722,6 +754,7 @@ def align(
     *,
     source_downsample: float = 1.0,
     target_downsample: float = 1.0,
+    physical_scale: float = 1.0,
     source_name: str = "source",
     target_name: str = "target",
     config: AlignConfig | None = None,
@@ -729,8 +762,10 @@ def align(
     """Affine alignment of a source (moving) image onto a target (fixed) one.
 
     ``source_rgb`` / ``target_rgb`` are uint8 ``[y, x, 3]`` levels of their slides at the given
-    downsamples (e.g. thumbnails with longest side <= 1024); both slides' level-0 pixels are
-    assumed to have about the same physical size (the optimisation absorbs a few % of scale).
+    downsamples (e.g. thumbnails with longest side <= 1024). ``physical_scale`` is the number of
+    source level-0 pixels per target level-0 pixel (target mpp / source mpp; 1 when both have
+    the same pixel size): the search and the optimisation run in the target's physical units,
+    so only the few % of scale between two sections is left for them to absorb.
     The returned :attr:`AlignResult.matrix` maps **target level-0** ``(x, y, 1)`` to **source
     level-0** ``(x, y, 1)``. Robust to any rotation, to a mirrored section, to stain differences
     and to partially missing tissue. Raises :class:`~wsireg.errors.InputError` (naming
@@ -738,31 +773,38 @@ def align(
     """
     cfg = config or AlignConfig()
     with torch_threads(cfg.threads):
-        return _align(
-            source_rgb,
-            target_rgb,
-            source_downsample,
-            target_downsample,
-            source_name,
-            target_name,
-            cfg,
+        start = time.perf_counter()
+        target_tissue = _find_tissue(target_rgb, target_downsample, target_name)
+        source_tissue = _to_target_units(
+            _find_tissue(source_rgb, source_downsample, source_name), physical_scale
         )
+        result = _align(source_tissue, target_tissue, cfg, start)
+    # the matrix maps target level 0 to the source in target units: on to source level 0
+    to_source = grid_to_level0_affine(physical_scale)
+    return replace(result, matrix=to_source @ result.matrix)
+
+
+def _to_target_units(tissue: _Tissue, physical_scale: float) -> _Tissue:
+    """``tissue`` of the source with its positions in target level-0 pixels (same physical
+    origin, the slide's top-left corner): a source level-0 pixel is ``physical_scale`` times
+    smaller, so the source's level 0 is a grid at downsample ``1 / physical_scale`` of the
+    target's (:func:`wsireg.core.coords.grid_to_level0_affine`)."""
+    if physical_scale == 1.0:
+        return tissue
+    from_source = np.linalg.inv(grid_to_level0_affine(physical_scale))
+    return replace(
+        tissue, to_level0=from_source @ tissue.to_level0, extent=tissue.extent / physical_scale
+    )
 
 
 def _align(
-    source_rgb: np.ndarray,
-    target_rgb: np.ndarray,
-    source_downsample: float,
-    target_downsample: float,
-    source_name: str,
-    target_name: str,
-    cfg: AlignConfig,
+    source_tissue: _Tissue, target_tissue: _Tissue, cfg: AlignConfig, start: float
 ) -> AlignResult:
-    """:func:`align` with its configuration resolved."""
+    """:func:`align` on the two tissues, both in target level-0 pixels (found since
+    ``start``, a ``perf_counter`` time): the matrix maps target level 0 to the source in those
+    units."""
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    target_tissue = _find_tissue(target_rgb, target_downsample, target_name)
-    source_tissue = _find_tissue(source_rgb, source_downsample, source_name)
+    t0 = start
     extent = max(target_tissue.extent, source_tissue.extent)  # level 0; working sizes refer to it
     spacing = extent / max(cfg.pyramid)
     target = _represent(target_tissue, spacing, cfg.representation)

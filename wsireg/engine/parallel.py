@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # only for annotations: distributed is imported when a cluste
 
 T = TypeVar("T")
 
+#: Seconds to wait for a dask.distributed scheduler to answer.
+CONNECT_TIMEOUT_S = 10
+
 
 # --------------------------------------------------------------------------------------------
 # Where tasks run
@@ -56,6 +59,10 @@ class Execution:
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.workers:
             raise ValueError("give either a scheduler address or a number of workers, not both")
+        for name in ("workers", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
 
     @property
     def distributed(self) -> bool:
@@ -88,7 +95,12 @@ def cluster_client(execution: Execution, threads_per_worker: int = 1) -> Iterato
     resources = dict(execution.resources or {})
     cluster = None
     if execution.scheduler is not None:
-        client = Client(execution.scheduler)
+        try:
+            client = Client(execution.scheduler, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, ValueError) as exc:  # unreachable, or not an address
+            raise WsiregError(
+                f"{execution.scheduler}: cannot connect to the scheduler ({exc})"
+            ) from exc
     else:
         cluster = LocalCluster(
             n_workers=int(execution.workers or 1),

@@ -22,9 +22,10 @@ past the last node), read box by box: nothing loads a whole field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,8 @@ from wsireg.io.slide import Slide
 
 FORMAT_VERSION = 1
 FIELD_UNITS = "level-0 pixels"
+#: Smallest |det| of an affine's linear part (a smaller one is singular).
+MIN_DETERMINANT = 1e-12
 #: Largest field window (bytes) read at once to map scattered points.
 POINT_WINDOW_BYTES = 64 << 20
 
@@ -115,6 +118,12 @@ class Stage:
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64).reshape(3, 3)
+        if not np.isfinite(self.affine).all():
+            raise ValueError("the affine has non-finite entries")
+        if not np.array_equal(self.affine[2], [0.0, 0.0, 1.0]):
+            raise ValueError("the affine's last row is not [0, 0, 1]")
+        if abs(np.linalg.det(self.affine[:2, :2])) < MIN_DETERMINANT:
+            raise ValueError("the affine is singular (it maps the plane onto a line)")
 
     @property
     def field_shape(self) -> tuple[int, int] | None:
@@ -129,7 +138,22 @@ class Stage:
         d = self.field_downsample
         gx = from_level0(points[:, 0], d)
         gy = from_level0(points[:, 1], d)
-        return _bilinear_points(self.field, gx, gy)
+        return self._checked(lambda: _bilinear_points(self.field, gx, gy))
+
+    def _checked(self, read: Callable[[], np.ndarray]) -> np.ndarray:
+        """``read()`` of field values, every failure a :class:`TransformError` naming the
+        field: an undecodable chunk, or values that are not finite (a missing chunk of a field
+        made by :func:`create_field` reads as NaN)."""
+        where = _stored_at(self.field) or "field"
+        try:
+            values = read()
+        except Exception as exc:  # a decode error of any codec: the field's data is corrupt
+            raise TransformError(where, f"cannot read the field: {exc}") from exc
+        if not np.isfinite(values).all():
+            raise TransformError(
+                where, "the field has missing or non-finite values (an incomplete or corrupt chunk)"
+            )
+        return values
 
     def target_to_source(self, points: np.ndarray) -> np.ndarray:
         """``A (x + u(x))`` at level-0 ``points`` (N, 2)."""
@@ -224,7 +248,10 @@ class Stage:
         fx = from_level0(to_level0(np.arange(x0, x0 + w), downsample), d)
         iy0, ix0 = math.floor(fy[0]), math.floor(fx[0])
         ny, nx = math.floor((fy[-1] - iy0) / step) + 2, math.floor((fx[-1] - ix0) / step) + 2
-        u = read_field_window(self.field, iy0, iy0 + ny * step, ix0, ix0 + nx * step, step)
+        fld = self.field
+        u = self._checked(
+            lambda: read_field_window(fld, iy0, iy0 + ny * step, ix0, ix0 + nx * step, step)
+        )
         fy, fx = iy0 + (fy - iy0) / step, ix0 + (fx - ix0) / step
         if matrix is not None:
             u = np.einsum("ij,jyx->iyx", np.asarray(matrix, np.float64), u)
@@ -390,6 +417,23 @@ class Transform:
         forward, _ = self.map_points(points, "target_to_source")
         return points, np.linalg.norm(forward - original, axis=1)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the mapping is made of, as JSON: the slides' identities and, per stage, the
+        affine, the field's downsample and the identity of its content (:func:`field_identity`).
+        Equal fingerprints mean the same mapping (what a resumed warp relies on)."""
+        return {
+            "target": self.target.to_json(),
+            "source": self.source.to_json(),
+            "stages": [
+                {
+                    "affine": stage.affine.tolist(),
+                    "field": field_identity(stage.field),
+                    "field_downsample": stage.field_downsample,
+                }
+                for stage in self.stages
+            ],
+        }
+
     @property
     def initial_affine(self) -> np.ndarray:
         """The first stage's affine ``A`` (3x3): for a registration's transform
@@ -530,7 +574,27 @@ def _open_field(fpath: Path, entry: dict[str, Any]) -> zarr.Array:
         raise TransformError(
             fpath, f"field has shape {fld.shape}, expected (2, {expected[0]}, {expected[1]})"
         )
+    if np.isnan(fld.fill_value) and fld.nchunks_initialized < fld.nchunks:
+        missing = fld.nchunks - fld.nchunks_initialized
+        raise TransformError(fpath, f"{missing} of {fld.nchunks} field chunks are missing")
     return fld
+
+
+def field_identity(fld: FieldArray | None) -> str | None:
+    """A digest identifying a field's content: of its bytes for an array in memory; for a
+    zarr array on disk, of every stored file's name, size and modification time (any write
+    changes it, without reading the field). ``None`` for no field."""
+    if fld is None:
+        return None
+    digest = hashlib.sha256()
+    root = _stored_at(fld)
+    if root is None:
+        digest.update(np.ascontiguousarray(np.asarray(fld), dtype=np.float32).tobytes())
+        return digest.hexdigest()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def field_name(index: int) -> str:
@@ -548,13 +612,15 @@ def _stored_at(fld: FieldArray | None) -> Path | None:
 def create_field(
     path: str | Path, shape: tuple[int, int], downsample: float, chunk: int = 256
 ) -> zarr.Array:
-    """An empty (zero) displacement field array on disk: (2, H_d, W_d) float32."""
+    """An empty displacement field array on disk: (2, H_d, W_d) float32. Unwritten nodes
+    read as NaN (so a missing chunk is an error, not zero displacement: every chunk of a
+    finished field is stored)."""
     return zarr.create_array(
         store=str(path),
         shape=(2, *shape),
         chunks=(2, min(chunk, shape[0]), min(chunk, shape[1])),
         dtype="float32",
-        fill_value=0.0,
+        fill_value=float("nan"),
         compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
         zarr_format=3,
         overwrite=True,

@@ -13,13 +13,14 @@ chunk tasks on dask's threaded scheduler or a dask.distributed cluster,
 :mod:`wsireg.engine.parallel`, then the pyramid, :func:`wsireg.io.ngff.fill_pyramid`) and the
 output format (the OME-Zarr renamed into place, or streamed into an OME-TIFF). What is written
 is a :class:`WarpOptions`, where it runs an :class:`~wsireg.engine.parallel.Execution`.
-``resume`` continues a staged output left by a killed run, computing only the chunks that are
-missing (zarr writes each chunk atomically, so a chunk on disk is complete).
+``resume`` continues a staged output left by a killed run of the same job (the same options,
+source and transform, fields included: :meth:`Transform.fingerprint`; another job is refused),
+computing only the chunks that are missing (zarr writes each chunk atomically, so a chunk on
+disk is complete).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -35,11 +36,11 @@ from wsireg.core.blocks import blocks
 from wsireg.core.coords import grid_to_level0_affine
 from wsireg.engine.options import no_overrides_left, take_overrides
 from wsireg.engine.parallel import Execution, cluster_client, map_on_cluster, run_threaded
-from wsireg.engine.transform import Transform
+from wsireg.engine.transform import SlideRef, Transform
 from wsireg.errors import InputError, TransformError
 from wsireg.io.convert import FORMATS
 from wsireg.io.ngff import ZarrLayout, create_ome_zarr, fill_pyramid, level_arrays
-from wsireg.io.output import check_output, remove, staged_output
+from wsireg.io.output import check_output, check_output_path, remove, staged_output
 from wsireg.io.slide import Slide, open_slide
 from wsireg.io.tiff import write_ome_tiff_levels
 from wsireg.progress import progress
@@ -47,7 +48,8 @@ from wsireg.progress import progress
 #: Largest source box (pixels) one block may read; beyond it a coarser level is used.
 MAX_BOX_PIXELS = 24 << 20
 INTERPOLATIONS = ("linear", "nearest")
-_JOB_FILE = "wsireg-warp-job.json"
+#: Output chunk sides (px).
+MIN_CHUNK, MAX_CHUNK = 16, 16384
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,17 +229,35 @@ class WarpOptions:
     ngff_version: str = "0.4"
 
     def __post_init__(self) -> None:
+        if not MIN_CHUNK <= self.chunk <= MAX_CHUNK:
+            raise ValueError(f"chunk must be {MIN_CHUNK}..{MAX_CHUNK} px, not {self.chunk}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
         if self.fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {self.fmt!r}")
 
 
-def check_output_level(path: str | Path | None, level: int) -> int:
-    """``level`` when it names an output grid of the target slide at ``path``: 0 or more (past
-    the slide's own levels the grid keeps halving)."""
-    if level < 0:
-        raise InputError(path or "target", f"no level {level} (output levels are 0, 1, ...)")
+#: Past a slide's own levels, output grids keep halving while their longest side is this long.
+MIN_OUTPUT_SIDE = 256
+
+
+def output_levels(target: SlideRef) -> int:
+    """How many output grids ``target`` has: its own levels, and past them halvings of level 0
+    while the longest side stays at least :data:`MIN_OUTPUT_SIDE` px."""
+    count = max(1, len(target.levels))
+    while max(target.level_shape(count)) >= MIN_OUTPUT_SIDE:
+        count += 1
+    return count
+
+
+def check_output_level(target: SlideRef, level: int) -> int:
+    """``level`` when it names an output grid of ``target`` (:func:`output_levels`), else a
+    one-line :class:`~wsireg.errors.InputError` naming the slide and the valid levels."""
+    count = output_levels(target)
+    if not 0 <= level < count:
+        raise InputError(
+            target.path or "target", f"no output level {level} (output levels are 0..{count - 1})"
+        )
     return level
 
 
@@ -255,7 +275,7 @@ def check_source(transform: Transform, source: Slide) -> None:
 
 def output_grid(transform: Transform, level: int) -> tuple[tuple[int, int], float]:
     """Shape ``(H, W)`` and downsample of target level ``level`` (the output grid)."""
-    check_output_level(transform.target.path, level)
+    check_output_level(transform.target, level)
     return transform.target.level_shape(level), transform.target.level_downsample(level)
 
 
@@ -358,17 +378,21 @@ def warp(
     options = take_overrides(options or WarpOptions(), overrides)
     execution = take_overrides(execution or Execution(), overrides)
     no_overrides_left("warp", overrides)
-    out = check_output(out, overwrite)
     if not isinstance(transform, Transform):
         transform = Transform.load(transform)
     slide = source if isinstance(source, Slide) else open_slide(source)
+    out = check_output(check_output_path(out, (transform.path, slide.path)), overwrite)
     check_source(transform, slide)
     # an OME-TIFF is transcoded from an OME-Zarr staged beside it, then removed
     zarr_out = out if options.fmt == "ome-zarr" else out.with_name(f"{out.name}.zarr-tmp")
     replace_zarr = overwrite or zarr_out != out
     timings = {} if timings is None else timings
-    with staged_output(zarr_out, replace_zarr, resume) as stage:
-        group, job = _staged_job(transform, slide, stage, options, resume)
+    inputs = (transform.path, slide.path)
+    fingerprint = _job_fingerprint(transform, slide, options)
+    with staged_output(
+        zarr_out, replace_zarr, resume, fingerprint=fingerprint, inputs=inputs
+    ) as stage:
+        group, job = _staged_job(transform, slide, stage, options)
         done = existing_chunks(group["0"])
         chunk = options.chunk
         todo = [
@@ -383,38 +407,39 @@ def warp(
         timings["pyramid_s"] = time.perf_counter() - start - timings["level0_s"]
         for leftover in stage.rglob("*.partial"):  # temp files of chunks killed mid-write
             leftover.unlink()
-        (stage / _JOB_FILE).unlink()
     if options.fmt == "ome-tiff":
         _transcode_to_tiff(zarr_out, out, _output_mpp(transform, job.out_downsample), overwrite)
     return out
 
 
+def _job_fingerprint(transform: Transform, slide: Slide, options: WarpOptions) -> dict[str, Any]:
+    """What a staged warp output is made of: the transform (affines and the identity of each
+    field's content), the source slide and the options; a resumed warp must match it."""
+    return {
+        "transform": transform.fingerprint(),
+        "source": str(Path(slide.path).resolve()),
+        "source_shape": list(slide.level_shape(0)),
+        "level": options.level,
+        "interpolation": options.interpolation,
+        "chunk": options.chunk,
+        "ngff_version": options.ngff_version,
+    }
+
+
 def _staged_job(
-    transform: Transform, slide: Slide, stage: Path, options: WarpOptions, resume: bool
+    transform: Transform, slide: Slide, stage: Path, options: WarpOptions
 ) -> tuple[zarr.Group, _WarpJob]:
     """The staged OME-Zarr of the output (the one a killed run of the same job left when
     resuming, else a new one) and the chunk job writing its level 0."""
     shape, out_ds = output_grid(transform, options.level)
     mpp = _output_mpp(transform, out_ds)
-    job_doc = {
-        "transform": str(transform.path) if transform.path else None,
-        "stages": [s.affine.tolist() for s in transform.stages],
-        "source": str(Path(slide.path).resolve()),
-        "level": options.level,
-        "interpolation": options.interpolation,
-        "chunk": options.chunk,
-        "ngff_version": options.ngff_version,
-        "shape": list(shape),
-    }
-    if resume and _same_job(stage, job_doc):
+    if (stage / "0").exists():
         group = zarr.open_group(str(stage), mode="r+")
     else:
-        remove(stage)
         layout = ZarrLayout(chunk=options.chunk, ngff_version=options.ngff_version)
         group = create_ome_zarr(
             stage, shape, 3, np.uint8, layout=layout, mpp=mpp, name=Path(slide.path).name
         )
-        (stage / _JOB_FILE).write_text(json.dumps(job_doc))
     job = _WarpJob(
         str(transform.path) if transform.path else None,
         str(slide.path),
@@ -432,13 +457,6 @@ def _staged_job(
 def _output_mpp(transform: Transform, downsample: float) -> tuple[float, float] | None:
     mpp = transform.target.mpp
     return None if mpp is None else (mpp[0] * downsample, mpp[1] * downsample)
-
-
-def _same_job(stage: Path, job_doc: dict[str, Any]) -> bool:
-    try:
-        return json.loads((stage / _JOB_FILE).read_text()) == json.loads(json.dumps(job_doc))
-    except (OSError, ValueError):
-        return False
 
 
 def _run_chunks(

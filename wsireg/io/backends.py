@@ -58,6 +58,8 @@ def to_rgb_on_white(pixels: np.ndarray) -> np.ndarray:
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """8-bit pixels: integers by their top 8 bits, floats scaled from [0, 1] (or taken as
+    0..255 when larger), NaN (no data) as white like every region without data."""
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype == bool:
@@ -66,7 +68,8 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
         shift = max(0, 8 * pixels.dtype.itemsize - 8)
         return (pixels >> shift).astype(np.uint8) if shift else pixels.astype(np.uint8)
     scale = 255.0 if float(np.nanmax(pixels, initial=0)) <= 1.0 else 1.0
-    return np.clip(np.nan_to_num(pixels) * scale, 0, 255).round().astype(np.uint8)
+    scaled = np.clip(np.nan_to_num(pixels, posinf=255.0, neginf=0.0) * scale, 0, 255)
+    return np.where(np.isnan(pixels), 255.0, scaled).round().astype(np.uint8)
 
 
 class TileCache:

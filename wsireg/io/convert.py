@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from wsireg.io.ngff import DEFAULT_ZARR_LAYOUT, ZarrLayout, write_ome_zarr
-from wsireg.io.output import check_output
+from wsireg.io.output import check_output, check_output_path
 from wsireg.io.slide import Slide, check_level, open_slide
 from wsireg.io.tiff import DEFAULT_TIFF_LAYOUT, TiffLayout, write_ome_tiff
 
@@ -49,6 +49,7 @@ def convert(
     """
     out = check_output(out, overwrite)
     with _opened(slide) as opened:
+        check_output_path(out, [opened.path])
         check_level(opened.path, level, opened.level_count)
         image = opened.level(level)
         mpp = opened.level_mpp(level)

@@ -69,6 +69,12 @@ class ZarrLayout:
     ngff_version: str = "0.4"
     compressor: Compressor | None = None
 
+    def __post_init__(self) -> None:
+        if self.chunk < 16:
+            raise ValueError(f"chunk must be at least 16 px, not {self.chunk}")
+        if self.levels is not None and self.levels < 1:
+            raise ValueError(f"levels must be at least 1, not {self.levels}")
+
 
 #: The layout of OME-Zarr outputs unless a caller gives another.
 DEFAULT_ZARR_LAYOUT = ZarrLayout()

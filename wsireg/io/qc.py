@@ -7,7 +7,8 @@ Pictures are ``(H, W, 3)`` uint8 RGB on the target grid at a thumbnail downsampl
   coincide the tissue is grey/white-ish; misalignment shows as coloured fringes).
 
 Similarity is the NCC of the two images' optical-density magnitude inside the union of their
-tissue (higher is better, in [-1, 1]), the measure reported before and after registration.
+tissue (higher is better, in [-1, 1]), the measure reported before and after registration;
+the tissue overlap is the Dice coefficient of their tissue masks (:func:`tissue_overlap`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsireg.core.stain import TISSUE_OD, od_magnitude_rgb
+from wsireg.core.stain import TISSUE_OD, od_magnitude_rgb, tissue_mask
+from wsireg.errors import WsiregError
 
 
 def checkerboard(target: np.ndarray, warped: np.ndarray, squares: int = 8) -> np.ndarray:
@@ -50,6 +52,17 @@ def similarity(target: np.ndarray, warped: np.ndarray) -> float:
     a, b = t[mask] - t[mask].mean(), s[mask] - s[mask].mean()
     denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def tissue_overlap(target: np.ndarray, warped: np.ndarray) -> float:
+    """Dice coefficient of the tissue masks (:func:`wsireg.core.stain.tissue_mask`) of the
+    two images, in [0, 1]; 0 when either has no tissue."""
+    try:
+        a, b = tissue_mask(target), tissue_mask(warped)
+    except WsiregError:  # no tissue on one side
+        return 0.0
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else 0.0
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:

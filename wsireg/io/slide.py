@@ -243,7 +243,14 @@ class Slide:
         }
 
     def _backend_associated_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._backend.associated(name).shape)
+        try:
+            return tuple(self._backend.associated(name).shape)
+        except SlideError:
+            raise
+        except Exception as exc:  # a decode error of the vendor library
+            raise SlideError(
+                self.path, f"cannot read the associated image {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 class _LevelArray:

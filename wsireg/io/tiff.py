@@ -54,6 +54,12 @@ class TiffLayout:
     compression: str = "jpeg"
     quality: int = 90
 
+    def __post_init__(self) -> None:
+        if self.tile < 16 or self.tile % 16:
+            raise ValueError(f"tile must be a positive multiple of 16, not {self.tile}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be 1..100, not {self.quality}")
+
 
 #: The layout of OME-TIFF outputs unless a caller gives another.
 DEFAULT_TIFF_LAYOUT = TiffLayout()

@@ -17,7 +17,10 @@ existing dask.distributed cluster (``scheduler``); ``resources`` (e.g. ``{"GPU":
 each task claim worker resources, so a worker started with ``--resources GPU=1`` runs one pair
 at a time. A failing pair never stops the others: it is reported as failed with its one-line
 error. ``resume`` skips pairs whose output folder exists (``register`` renames it into place
-only when complete) and continues the staged output of the others (``register(resume=True)``).
+only when complete) and continues the staged output of the others (``register(resume=True)``);
+either must come from the same inputs and options (the run fingerprint): a finished pair of
+other ones refuses the batch before anything runs (:func:`check_finished_pair`), an
+interrupted one fails that pair; both errors name the pair's folder and what differs.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from wsireg.engine.parallel import (
     reset_peak_rss,
     torch_threads,
 )
-from wsireg.errors import OutputExistsError, WsiregError
-from wsireg.io.output import partial_path, staged_output
+from wsireg.errors import OutputError, OutputExistsError, error_line
+from wsireg.io.output import fingerprint_differences, partial_path, staged_output
+from wsireg.io.slide import open_slide
+from wsireg.model.network import resolve_device
 from wsireg.progress import is_quiet, progress, set_quiet
 from wsireg.run.evaluate import (
     METRICS,
@@ -54,7 +59,7 @@ from wsireg.run.evaluate import (
     summarize,
     write_json,
 )
-from wsireg.run.register import register
+from wsireg.run.register import register, run_fingerprint, weights_identity
 from wsireg.run.settings import RegisterOptions
 
 #: Columns of ``summary.csv`` before the metrics and the table's own columns.
@@ -135,17 +140,6 @@ def base_row(pair: Pair, out: Path) -> Row:
     return row
 
 
-def error_line(exc: BaseException) -> str:
-    """One line describing ``exc`` (wsireg errors already name the file)."""
-    if isinstance(exc, WsiregError):
-        text = str(exc)
-    elif isinstance(exc, MemoryError):
-        text = "out of memory"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split()) or type(exc).__name__
-
-
 def completed_row(pair: Pair, out: Path) -> Row:
     """The row of a pair completed by an earlier run: metrics recomputed from its folder,
     seconds and peak RSS from its ``report.json``."""
@@ -162,6 +156,31 @@ def completed_row(pair: Pair, out: Path) -> Row:
     except (OSError, ValueError):
         pass
     return row
+
+
+def check_finished_pair(pair: Pair, folder: Path, options: RegisterOptions) -> None:
+    """Raise :class:`~wsireg.errors.OutputError` unless the finished output ``folder`` was
+    registered from the pair's slides with ``options`` (the run fingerprint in its
+    ``report.json``, :func:`wsireg.run.register.run_fingerprint`): ``resume`` must not keep
+    results of other inputs or options."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        staged = report["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        staged = None
+    if not isinstance(staged, dict):
+        raise OutputError(folder, "cannot resume: no run fingerprint in its report.json")
+    device = str(resolve_device(options.device))
+    expected = run_fingerprint(
+        open_slide(pair.source), open_slide(pair.target), options, device, weights_identity(options)
+    )
+    differences = fingerprint_differences(staged, expected)
+    if differences:
+        raise OutputError(
+            folder,
+            f"finished with other inputs or options: {differences} "
+            "(use --overwrite, or another output folder)",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +262,7 @@ def batch(
     for pair in pairs:
         folder = out / pair.name
         if resume and folder.is_dir():
+            check_finished_pair(pair, folder, options)
             rows[pair.index] = completed_row(pair, folder)
             continue
         tasks.append(PairTask(pair, str(folder), options, resume, overwrite, quiet))

@@ -18,15 +18,29 @@ from wsireg.io.output import check_output, remove
 from wsireg.run.register import register
 from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_slide
 
+#: Smallest side of the demo's slides (px).
+MIN_SIZE = 512
+
 
 def run_demo(
     out: str | Path, *, size: int = 4096, seed: int = 7, overwrite: bool = False
 ) -> dict[str, Any]:
     """Write the pair, register it and return the inputs, outputs, landmark errors (level-0
     pixels) and the seconds per stage."""
+    if size < MIN_SIZE:
+        raise ValueError(f"the demo's slides need a side of at least {MIN_SIZE} px, not {size}")
     out = Path(out)
     check_output(out, overwrite)
     remove(out)
+    try:
+        return _run(out, size, seed)
+    except BaseException:
+        remove(out)  # nothing complete-looking is left behind
+        raise
+
+
+def _run(out: Path, size: int, seed: int) -> dict[str, Any]:
+    """:func:`run_demo` into the (new) folder ``out``."""
     inputs = out / "inputs"
     inputs.mkdir(parents=True)
     shape = (size, size)

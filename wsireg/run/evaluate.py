@@ -287,6 +287,10 @@ def evaluate(
     if not results.is_dir():
         raise InputError(results, "no such results directory")
     pairs = read_pairs(pairs_csv)
+    if pairs and not any((results / pair.name).is_dir() for pair in pairs):
+        raise InputError(
+            results, f"no pair of {Path(pairs_csv).name} has a folder here: not its batch output"
+        )
     rows = [evaluate_pair(pair, results / pair.name) for pair in pairs]
     document = {
         "pairs_csv": str(Path(pairs_csv).absolute()),

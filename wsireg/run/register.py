@@ -14,9 +14,14 @@ the affine initial alignment (:mod:`wsireg.engine.align`); (2) the nonrigid fiel
 level by level down to the target level ``level`` (:mod:`wsireg.engine.scheduler`), its finest
 level written straight into ``transform/field.zarr``, then ``transform.json``; (3) the warp
 (:mod:`wsireg.engine.warp`); (4) QC and report.
-The output is staged under ``.OUT.partial`` and renamed at the end; ``resume`` continues a
-staged output left by a killed run (alignment, finished field blocks and warp chunks are kept)
-and gives the same result as an uninterrupted run.
+Slides of different pixel sizes are registered in physical units: the thumbnails and the
+alignment (``physical_scale``), and the field on the target's grid.
+The output is staged under ``.OUT.partial`` (:func:`wsireg.io.output.staged_output`: locked
+while written, never at or around an input) and renamed at the end; ``resume`` continues a
+staged output left by a killed run of the same inputs and options (the run fingerprint,
+:func:`run_fingerprint`; alignment, finished field blocks and warp chunks are kept) and gives
+the same result as an uninterrupted run. ``report.json`` ends with the quality gate's verdict
+(:func:`quality_gate`) and the fingerprint.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from wsireg import __version__
-from wsireg.engine.align import align
+from wsireg.core.coords import grid_to_level0_affine
+from wsireg.engine.align import align, similarity_on_grid
 from wsireg.engine.options import no_overrides_left, take_overrides
 from wsireg.engine.parallel import Execution, peak_rss_mib
 from wsireg.engine.scheduler import FieldStore, LevelReport, SlidePair, estimate_field
@@ -43,7 +49,7 @@ from wsireg.engine.warp import WarpOptions, warp, warp_block
 from wsireg.errors import InputError, WsiregError
 from wsireg.io.ngff import write_ome_zarr
 from wsireg.io.output import remove, staged_output
-from wsireg.io.qc import write_qc
+from wsireg.io.qc import tissue_overlap, write_qc
 from wsireg.io.slide import Slide, open_slide
 from wsireg.model.network import (
     MultiLevelModel,
@@ -64,6 +70,9 @@ from wsireg.run.settings import (
 THUMBNAIL_SIDE = 1024
 #: Scale mismatch tolerated when the mpp of a slide is unknown.
 MAX_UNKNOWN_SCALE = 1.5
+#: Quality gate: least final similarity and tissue overlap (Dice) of a plausible registration.
+MIN_SIMILARITY = 0.15
+MIN_TISSUE_OVERLAP = 0.5
 #: The parts of a register output.
 TRANSFORM, WARPED, QC, REPORT = "transform", "warped.ome.zarr", "qc", "report.json"
 
@@ -86,13 +95,17 @@ def register(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    strict: bool = False,
     **overrides: Any,
 ) -> Result:
     """Register ``source`` (moving) onto ``target`` (fixed) and write the outputs in ``out``.
 
     ``options`` (:class:`wsireg.run.settings.RegisterOptions`) say what to compute; keyword
     ``overrides`` replace fields of it (``register(a, b, out, level=0, weights="default")``).
-    ``overwrite`` replaces an existing ``out``; ``resume`` continues a killed run into ``out``.
+    ``overwrite`` replaces an existing ``out``; ``resume`` continues a killed run into ``out``
+    (of the same inputs and options, else :class:`~wsireg.errors.OutputError`). The quality
+    gate (:func:`quality_gate`) is reported in ``report.json``; with ``strict`` an implausible
+    registration is a :class:`QualityError` and nothing is written.
     """
     options = take_overrides(options or RegisterOptions(), overrides)
     no_overrides_left("register", overrides)
@@ -100,12 +113,16 @@ def register(
     timings = _Timings()
     source_slide, target_slide = open_slide(source), open_slide(target)
     check_options(options, target_slide)
-    with staged_output(out, overwrite, resume) as stage:
+    device = str(resolve_device(options.device))
+    model, weights = _load_model(options, device)
+    fingerprint = run_fingerprint(source_slide, target_slide, options, device, weights)
+    staging = staged_output(
+        out, overwrite, resume, fingerprint=fingerprint, inputs=(source, target)
+    )
+    with staging as stage:
         work = stage / "work"
         work.mkdir(parents=True, exist_ok=True)
         slides = _slide_pair(source_slide, target_slide, work)
-        device = str(resolve_device(options.device))
-        model, weights = _load_model(options, device)
         settings = resolve_settings(options, slides.target_ref, model, weights, device)
         with timings.measure("align_s"):
             alignment = _align(slides, work, resume)
@@ -118,12 +135,16 @@ def register(
             with timings.measure("warp_s"):
                 _warp(transform, source_slide, stage / WARPED, options, resume)
         with timings.measure("qc_s"):
-            similarity = _quality_control(stage / QC, slides, alignment, transform)
+            similarity, quality = _quality_control(stage / QC, slides, alignment, transform)
         timings.finish()
         report = _report(source_slide, target_slide, settings, alignment, levels, similarity)
+        report["quality"] = quality
+        if strict and not report["quality"]["plausible"]:
+            raise QualityError(out, quality_warning(report["quality"]))
         report["timings_s"] = timings.rounded()
         report["peak_rss_mib"] = round(peak_rss_mib(), 1)
         report["host"] = {"python": platform.python_version(), "machine": platform.machine()}
+        report["fingerprint"] = fingerprint
         (stage / REPORT).write_text(json.dumps(report, indent=2))
         remove(work)
     warped = out / WARPED if settings.warp_level is not None else None
@@ -185,11 +206,58 @@ def _load_model(
         return None, None
     if str(options.weights) == "default":
         model = load_default(device)
-        path = default_weights_path()
     else:
-        path = Path(str(options.weights))
-        model = MultiLevelModel.load(path, device=device)
-    return model, {"path": str(path), "sha256": sha256_file(path)}
+        model = MultiLevelModel.load(Path(str(options.weights)), device=device)
+    return model, weights_identity(options)
+
+
+def weights_identity(options: RegisterOptions) -> dict[str, str] | None:
+    """Path and sha256 of the weights ``options`` name (``None`` without networks)."""
+    if not options.uses_networks:
+        return None
+    path = (
+        default_weights_path() if str(options.weights) == "default" else Path(str(options.weights))
+    )
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+#: Options that do not change what a registration computes (left out of its fingerprint).
+UNFINGERPRINTED = ("threads",)
+
+
+def run_fingerprint(
+    source: Slide,
+    target: Slide,
+    options: RegisterOptions,
+    device: str,
+    weights: dict[str, str] | None,
+) -> dict[str, Any]:
+    """What a registration's result depends on: the slides' identities (path, file size,
+    level-0 size, mpp), every option but :data:`UNFINGERPRINTED` (the device resolved), the
+    weights' sha256 and wsireg's version. Stored with the staged output and in
+    ``report.json``; ``resume`` refuses a staged output of another run
+    (:func:`wsireg.io.output.check_fingerprint`)."""
+    chosen = {k: v for k, v in options.to_json().items() if k not in UNFINGERPRINTED}
+    chosen["device"] = device
+    return {
+        "wsireg": __version__,
+        "source": slide_identity(source),
+        "target": slide_identity(target),
+        "options": chosen,
+        "weights": weights["sha256"] if weights else None,
+    }
+
+
+def slide_identity(slide: Slide) -> dict[str, Any]:
+    """A slide as a run fingerprint names it: resolved path, bytes (of a single file; ``None``
+    for a folder), level-0 ``[H, W]`` and mpp."""
+    path = Path(slide.path).resolve()
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size if path.is_file() else None,
+        "shape": list(slide.level_shape(0)),
+        "mpp": list(slide.mpp) if slide.mpp else None,
+    }
 
 
 def physical_scale(source: SlideRef, target: SlideRef) -> float:
@@ -245,6 +313,7 @@ def _align(slides: SlidePair, work: Path, resume: bool) -> _Alignment:
         target_thumb,
         source_downsample=d_s,
         target_downsample=d_t,
+        physical_scale=scale,
         source_name=str(slides.source.path),
         target_name=str(slides.target.path),
     )
@@ -307,18 +376,59 @@ def _warp(
 
 def _quality_control(
     directory: Path, slides: SlidePair, alignment: _Alignment, transform: Transform
-) -> dict[str, float]:
-    """QC pictures of the source before, after the affine, after everything; similarities."""
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """QC pictures of the source before (the slides' top-left corners and pixel sizes
+    matched), after the affine, after everything; similarities."""
     d = alignment.target_downsample
     h, w = alignment.target_thumbnail.shape[:2]
     t_ref, s_ref = slides.target_ref, slides.source_ref
+    unaligned = grid_to_level0_affine(physical_scale(s_ref, t_ref))
     stages = {
-        "before": Transform.identity(t_ref, s_ref),
+        "before": Transform([Stage(unaligned)], t_ref, s_ref),
         "affine": Transform([Stage(alignment.matrix)], t_ref, s_ref),
         "final": transform,
     }
     warped = {name: warp_block(t, slides.source, (0, 0, h, w), d) for name, t in stages.items()}
-    return write_qc(directory, alignment.target_thumbnail, warped)
+    similarity = write_qc(directory, alignment.target_thumbnail, warped)
+    target, final = alignment.target_thumbnail, warped["final"]
+    return similarity, quality_gate(
+        similarity_on_grid(target, final), tissue_overlap(target, final)
+    )
+
+
+class QualityError(WsiregError):
+    """The quality gate found a registration implausible (with ``strict``)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+
+
+def quality_gate(similarity: float, overlap: float) -> dict[str, Any]:
+    """Whether a registration is plausible: its final local similarity (the alignment's
+    measure, :func:`wsireg.engine.align.similarity_on_grid`, on the QC thumbnails) at least
+    :data:`MIN_SIMILARITY` and the tissue overlap (:func:`wsireg.io.qc.tissue_overlap`) at
+    least :data:`MIN_TISSUE_OVERLAP`. The thresholds lie between the real section pairs of
+    ``../shared/data`` and pairs of unrelated tissues (``tests/test_quality_gate.py``; the
+    figures in README). The ``report.json`` entry: both values, the thresholds, the verdict
+    and its reasons."""
+    reasons = []
+    if not (similarity >= MIN_SIMILARITY):  # NaN (no tissue) fails too
+        reasons.append(f"final similarity {similarity:.3f} < {MIN_SIMILARITY}")
+    if not (overlap >= MIN_TISSUE_OVERLAP):
+        reasons.append(f"tissue overlap {overlap:.3f} < {MIN_TISSUE_OVERLAP}")
+    return {
+        "plausible": not reasons,
+        "similarity": round(similarity, 4),
+        "tissue_overlap": round(overlap, 4),
+        "min_similarity": MIN_SIMILARITY,
+        "min_tissue_overlap": MIN_TISSUE_OVERLAP,
+        "reasons": reasons,
+    }
+
+
+def quality_warning(quality: dict[str, Any]) -> str:
+    """One line saying why the gate finds a registration implausible."""
+    return "registration implausible (different tissues?): " + "; ".join(quality["reasons"])
 
 
 def _report(

@@ -84,7 +84,7 @@ def check_options(options: RegisterOptions, target: Slide) -> None:
     if options.level is not None:
         check_level(target.path, options.level, target.level_count)
     if options.write_warped:
-        check_output_level(target.path, options.warp_level)
+        check_output_level(SlideRef.from_slide(target), options.warp_level)
 
 
 @dataclass(frozen=True)
