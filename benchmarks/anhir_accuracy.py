@@ -27,6 +27,7 @@ passes any :class:`wsireg.run.settings.RegisterOptions` field (JSON values).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import statistics
@@ -218,8 +219,8 @@ def register_options(args: argparse.Namespace) -> RegisterOptions:
     for item in args.set:
         key, _, value = item.partition("=")
         try:
-            values[key] = json.loads(value)
-        except ValueError:
+            values[key] = ast.literal_eval(value)  # 3, 0.5, True, None; else a string
+        except (ValueError, SyntaxError):
             values[key] = value
     return RegisterOptions(**{k: v for k, v in values.items() if v is not None})
 

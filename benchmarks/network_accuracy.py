@@ -29,7 +29,7 @@
     standard deviation of the field across offsets (how much the prediction depends on the
     grid). Landmarks are used for evaluation only.
 (c) ``speed``: patches/s of the finest network at the model's ``P`` and ``G`` (network passes;
-    ``patch_pairs_per_s`` counts a flip-averaged pair once, i.e. four passes) and the peak memory
+    ``patch_pairs_per_s`` counts a pair once, i.e. ``flips`` passes) and the peak memory
     of one group's forward (``benchmarks/network_speed.py`` in a fresh process), the wall time of
     the multi-level registration of a 512 x 512 pair, and the training seconds per epoch stored
     with the model.
@@ -405,8 +405,8 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
         "patch": cfg.patch,
         "group": cfg.group,
         "patches_per_s": speed["patches_per_s"],
-        "flip_average": cfg.flip_average,
-        "patch_pairs_per_s": round(speed["patches_per_s"] / (4 if cfg.flip_average else 1), 1),
+        "flips": cfg.flips,
+        "patch_pairs_per_s": round(speed["patches_per_s"] / cfg.flips, 1),
         "group_forward_peak_mb": speed["group_peak_mb"],
         "register_pyramid_s": {
             "size": size,
@@ -426,9 +426,7 @@ def run_speed(model: MultiLevelModel, size: int) -> dict:
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Inference settings given on the command line (else the model's stored ones)."""
-    out = {"smoothing": args.smoothing, "iterations": args.iterations}
-    if args.no_flip_average:
-        out["flip_average"] = False
+    out = {"smoothing": args.smoothing, "iterations": args.iterations, "flips": args.flips}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -452,7 +450,7 @@ def main() -> None:
     )
     parser.add_argument("--smoothing", type=float, default=None, help="override the model's")
     parser.add_argument("--iterations", type=int, default=None, help="override the model's")
-    parser.add_argument("--no-flip-average", action="store_true", help="override the model's")
+    parser.add_argument("--flips", type=int, choices=[1, 2, 4], help="override the model's")
     parser.add_argument("--slides-dir", type=Path, default=SHARED / "slides")
     parser.add_argument("--anhir", type=Path, default=SHARED / "anhir-5pc")
     parser.add_argument(

@@ -68,21 +68,24 @@ def register_options(function):  # type: ignore[no-untyped-def]
             "--refine",
             type=click.IntRange(0, 10000),
             default=None,
-            help="Instance-optimisation steps per block and level (default: 0 with "
-            "weights, 40 without).",
+            help="Instance-optimisation steps per block at the coarsest level, halved per "
+            "finer level (default: 0 where the networks run; 40 at levels without a network "
+            "and with --weights none).",
         ),
         click.option(
             "--weights",
-            default="none",
+            default="default",
             show_default=True,
-            help="'none' (pure instance optimisation), 'default' (the shipped networks, "
-            "Algorithm 1) or a .pt path; README compares their accuracy.",
+            help="'default' (the shipped networks, Algorithm 1), 'none' (pure instance "
+            "optimisation) or a .pt path; README compares their accuracy.",
         ),
         click.option(
-            "--flip-average/--no-flip-average",
+            "--flips",
+            type=click.Choice(["1", "2", "4"]),
             default=None,
-            help="Average the networks' predictions over the four flips of each patch "
-            "(more accurate, 4x the network time; default: the model's setting, on).",
+            help="Average the networks' predictions over 1, 2 or 4 flips of each patch "
+            "(more flips: less noise, that many times the network time; default: the "
+            "model's setting).",
         ),
         click.option(
             "--device",
@@ -109,7 +112,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
     ``values``)."""
     from wsireg.run.settings import RegisterOptions  # here: the CLI starts without torch
 
-    weights = values.pop("weights")
+    weights, flips = values.pop("weights"), values.pop("flips")
     check_patch_and_stride(values["patch"], values["stride"])
     return RegisterOptions(
         level=values.pop("level"),
@@ -120,7 +123,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
         group=values.pop("group"),
         refine=values.pop("refine"),
         weights=None if weights == "none" else weights,
-        flip_average=values.pop("flip_average"),
+        flips=None if flips is None else int(flips),
         device=values.pop("device"),
         warp_level=values.pop("warp_level"),
         write_warped=not values.pop("no_warp"),

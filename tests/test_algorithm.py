@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def plain(**settings) -> InferenceSettings:
     """Algorithm 1's settings without smoothing and flip averaging (the bare loop)."""
-    return InferenceSettings(smoothing=0.0, flip_average=False, **settings)
+    return InferenceSettings(smoothing=0.0, flips=1, **settings)
 
 
 class ConstantNet(nn.Module):
@@ -130,7 +130,7 @@ def test_pyramid_upsamples_and_composes_between_levels() -> None:
     model.levels = nn.ModuleList([ConstantNet(1.0, 0.25), ConstantNet(1.0, 0.25)])
     rgb = (torch.rand(1, 3, 75, 61) * 255).to(torch.uint8)  # odd sizes: padded, then cropped
     # (a constant prediction is a pure bias, which flip averaging cancels: see below)
-    flat = dict(iterations=1, patch=64, stride=32, flip_average=False)
+    flat = dict(iterations=1, patch=64, stride=32, flips=1)
     u = register_pyramid(model, rgb, rgb, inference_settings(model, group=8, **flat))
     assert u.shape == (1, 2, 75, 61)
     assert torch.allclose(u[:, 0], torch.full_like(u[:, 0], 3.0), atol=1e-4)
@@ -213,8 +213,11 @@ class _FlowNet(torch.nn.Module):
 def test_flip_average_cancels_a_bias_and_keeps_an_equivariant_prediction() -> None:
     g = torch.Generator().manual_seed(0)
     moving, fixed = torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)
-    assert float(flip_averaged(_ConstantNet((1.5, -0.5)), moving, fixed).abs().max()) < 1e-6
-    net = _FlowNet()
-    expected = net(moving, fixed)
-    assert float(expected.abs().mean()) > 0.01
-    assert torch.allclose(flip_averaged(net, moving, fixed), expected, atol=1e-6)
+    biased = _ConstantNet((1.5, -0.5))
+    assert torch.equal(flip_averaged(biased, moving, fixed, flips=1), biased(moving, fixed))
+    for flips in (2, 4):  # the 180-degree rotation alone cancels a bias of both components
+        assert float(flip_averaged(biased, moving, fixed, flips).abs().max()) < 1e-6
+        net = _FlowNet()
+        expected = net(moving, fixed)
+        assert float(expected.abs().mean()) > 0.01
+        assert torch.allclose(flip_averaged(net, moving, fixed, flips), expected, atol=1e-6)

@@ -90,3 +90,15 @@ def test_haematoxylin_unmixes_the_nuclear_stain() -> None:
     assert float(stain.haematoxylin(dyed(stain.EOSIN, 0.8))) < 0.02
     white = torch.ones(1, 3, 2, 2)
     assert torch.all(stain.network_input(white, "haematoxylin") == 0)
+
+
+def test_on_white_glass_makes_the_slides_glass_white() -> None:
+    rgb = np.array([[[220, 220, 220], [110, 55, 0], [230, 240, 250]]], np.uint8)
+    white = stain.on_white_glass(rgb, (220.0, 220.0, 220.0))
+    assert white.dtype == np.uint8
+    assert white[0, 0].tolist() == [255, 255, 255]  # the glass
+    assert white[0, 1].tolist() == [128, 64, 0]  # stain keeps its transmittance ratio
+    assert white[0, 2].tolist() == [255, 255, 255]  # brighter than the glass: clipped
+    assert stain.on_white_glass(rgb, stain.WHITE) is rgb
+    # grey glass reads as stained everywhere, white glass does not
+    assert stain.stained(rgb)[0, 0] and not stain.stained(white)[0, 0]

@@ -12,7 +12,7 @@ so a block computed out of core equals the same pixels of a whole-image pass.
 * **Dyes**: unit OD vectors (R, G, B) of haematoxylin, eosin and DAB (Ruifrok & Johnston),
   ``OD = c @ dye_basis()`` for dye amounts ``c``; colour deconvolution inverts it.
 * **Network input** (:func:`network_input`): one channel in ``[0, 1]`` per image, background
-  0, from ``(N, 3, H, W)`` tensors.
+  0, from ``(N, 3, H, W)`` tensors of slides put on white glass first (:func:`on_white_glass`).
 * **Tissue**: a pixel is stained tissue when its OD magnitude exceeds :data:`TISSUE_OD`
   (:func:`stained`); a network patch or block has tissue when more than
   :data:`TISSUE_SHARE` of its network-input pixels exceed :data:`TISSUE_LEVEL`
@@ -74,6 +74,23 @@ def background_rgb(rgb: np.ndarray) -> np.ndarray:
     cut = np.percentile(brightness, 98.0)
     bright = flat[brightness >= cut]
     return np.clip(np.median(bright, axis=0), 200.0, 255.0)
+
+
+WHITE = (255.0, 255.0, 255.0)
+"""The glass colour the network input assumes (:func:`on_white_glass`)."""
+
+
+def on_white_glass(rgb: np.ndarray, glass: tuple[float, float, float]) -> np.ndarray:
+    """uint8 RGB ``[..., 3]`` with each channel rescaled by ``255 / glass`` (rounded, clipped):
+    transmitted light relative to the slide's own glass colour ``glass`` (RGB grey levels,
+    :func:`background_rgb` of its thumbnail), so that glass is white (OD 0) as in the network
+    input's fixed ``I0 = 255``. Scanners and stainings differ in how grey the glass comes
+    out; without this a grey glass reads as faint stain everywhere. Pointwise, so blocks
+    equal a whole-image pass; ``glass == WHITE`` returns ``rgb`` itself."""
+    gain = 255.0 / np.asarray(glass, dtype=np.float32)
+    if np.all(gain == 1.0):
+        return rgb
+    return np.clip(np.rint(rgb.astype(np.float32) * gain), 0.0, 255.0).astype(np.uint8)
 
 
 def relative_od_magnitude(rgb: np.ndarray) -> np.ndarray:

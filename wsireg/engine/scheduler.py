@@ -46,7 +46,7 @@ import zarr
 
 from wsireg.core.blocks import AxisWindow, axis_window, blocks, count_blocks
 from wsireg.core.coords import to_level0
-from wsireg.core.stain import has_tissue, network_input
+from wsireg.core.stain import WHITE, has_tissue, network_input, on_white_glass
 from wsireg.engine.transform import SlideRef, Stage, Transform, create_field
 from wsireg.engine.warp import warp_block
 from wsireg.io.slide import Slide
@@ -96,6 +96,11 @@ class SlidePair:
     target: Slide
     source_ref: SlideRef
     target_ref: SlideRef
+    source_glass: tuple[float, float, float] = WHITE
+    """Glass colour (RGB grey levels) of the source, made white before the network input
+    (:func:`wsireg.core.stain.on_white_glass`)."""
+    target_glass: tuple[float, float, float] = WHITE
+    """Glass colour of the target."""
 
 
 @dataclass(frozen=True)
@@ -347,15 +352,15 @@ class _Level:
         """``v`` (1, 2, span) over the halo span, pixels of the level: the network's, then
         refined; ``None`` when neither image has tissue there."""
         representation = self.settings.inference.representation
-        fixed = _to_tensor(reads.target, representation, self.device)
-        moving = _to_tensor(reads.source, representation, self.device)
+        fixed = _to_tensor(reads.target, self.slides.target_glass, representation, self.device)
+        moving = _to_tensor(reads.source, self.slides.source_glass, representation, self.device)
         if not (_has_tissue(fixed) or _has_tissue(moving)):
             report.skipped += 1
             return None
         v = None
         if self.net is not None:
             v = self._network(moving, fixed, report)
-        steps = self.settings.refine.steps_at(self.index)
+        steps = self.settings.refine.steps_at(self.index, has_network=self.net is not None)
         if steps > 0:
             start = time.perf_counter()
             v = refine_field(moving, fixed, v, replace(self.settings.refine, steps=steps))
@@ -388,8 +393,11 @@ class _Level:
         return (v0 + np.moveaxis(previous, -1, 0)).astype(np.float32)
 
 
-def _to_tensor(rgb: np.ndarray, representation: str, device: str) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+def _to_tensor(
+    rgb: np.ndarray, glass: tuple[float, float, float], representation: str, device: str
+) -> torch.Tensor:
+    white = on_white_glass(rgb, glass)
+    tensor = torch.from_numpy(np.ascontiguousarray(white)).permute(2, 0, 1)[None]
     return network_input(tensor, representation).to(device)
 
 

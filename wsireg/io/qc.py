@@ -66,8 +66,9 @@ def tissue_overlap(target: np.ndarray, warped: np.ndarray) -> float:
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write ``rgb`` as PNG at zlib's fastest level (QC pictures are written by every run)."""
     path = Path(path)
-    Image.fromarray(np.ascontiguousarray(rgb)).save(path, optimize=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path, compress_level=1)
     return path
 
 

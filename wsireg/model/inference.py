@@ -34,6 +34,7 @@ __all__ = [
     "InferenceSettings",
     "PatchCounts",
     "TissuePatches",
+    "FLIP_SETS",
     "flip_averaged",
     "inference_settings",
     "register_level",
@@ -70,10 +71,16 @@ class InferenceSettings:
     only): it removes the seams between neighbouring patch centres and the patch-level noise.
     ``S / 4``, chosen on the held-out pairs of ``benchmarks/network_accuracy.py``. Its kernel
     radius (``3 sigma``) must stay within the scheduler's halo."""
-    flip_average: bool = True
-    """Average each patch pair's prediction over its four flips (:func:`flip_averaged`):
-    test-time augmentation that cancels orientation biases and averages out noise, at 4x the
-    network time (its effect: ``benchmarks/network_accuracy.py --no-flip-average``)."""
+    flips: int = 4
+    """Flips of each patch pair its prediction is averaged over (:func:`flip_averaged`): 1
+    (none), 2 (the pair and its 180-degree rotation: cancels a bias of either component) or 4
+    (the rotation and both mirrors). Test-time augmentation that cancels orientation biases
+    and averages out noise, at ``flips`` times the network time (its effect:
+    ``benchmarks/anhir_accuracy.py --set flips=N``)."""
+
+    def __post_init__(self) -> None:
+        if self.flips not in (1, 2, 4):
+            raise ValueError(f"flips must be 1, 2 or 4, not {self.flips!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in a model's metadata under ``"inference"``)."""
@@ -84,7 +91,7 @@ class InferenceSettings:
             "group": self.group,
             "representation": self.representation,
             "smoothing": self.smoothing,
-            "flip_average": self.flip_average,
+            "flips": self.flips,
         }
 
 
@@ -96,6 +103,8 @@ def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> Infer
     """Settings stored in ``model.metadata["inference"]`` (else, and without a model,
     :data:`DEFAULTS`), with ``overrides`` that are not ``None`` applied on top."""
     stored = dict(model.metadata.get("inference", {})) if model is not None else {}
+    if "flip_average" in stored:  # the boolean of earlier models: all four flips or none
+        stored.setdefault("flips", 4 if stored.pop("flip_average") else 1)
     base = {k: stored.get(k, v) for k, v in DEFAULTS.to_dict().items()}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceSettings(**base)
@@ -103,22 +112,26 @@ def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> Infer
 
 # --- the inference strategy ----------------------------------------------------------------------
 
-#: The flips of :func:`flip_averaged`: spatial dims flipped, and the sign of the field's
-#: (x, y) components in the flipped frame.
-_FLIPS: tuple[tuple[tuple[int, ...], tuple[float, float]], ...] = (
-    ((), (1.0, 1.0)),
-    ((-1,), (-1.0, 1.0)),
-    ((-2,), (1.0, -1.0)),
-    ((-2, -1), (-1.0, -1.0)),
-)
+Flip = tuple[tuple[int, ...], tuple[float, float]]
+_NONE: Flip = ((), (1.0, 1.0))
+_ROTATION: Flip = ((-2, -1), (-1.0, -1.0))
+_MIRRORS: tuple[Flip, Flip] = (((-1,), (-1.0, 1.0)), ((-2,), (1.0, -1.0)))
+FLIP_SETS: dict[int, tuple[Flip, ...]] = {
+    1: (_NONE,),
+    2: (_NONE, _ROTATION),
+    4: (_NONE, _ROTATION, *_MIRRORS),
+}
+"""The flips of :func:`flip_averaged` by count: spatial dims flipped, and the sign of the
+field's (x, y) components in the flipped frame."""
 
 
-def flip_averaged(net: UNet, moving: Tensor, fixed: Tensor) -> Tensor:
-    """``net(moving, fixed)`` ``(N, 2, P, P)`` averaged over the four flips of the pair: each
-    flipped prediction is flipped back and the flipped axes' components negated (channel 0 =
-    x flips with the last axis, channel 1 = y with the one before)."""
+def flip_averaged(net: UNet, moving: Tensor, fixed: Tensor, flips: int = 4) -> Tensor:
+    """``net(moving, fixed)`` ``(N, 2, P, P)`` averaged over ``flips`` flips of the pair
+    (:data:`FLIP_SETS`): each flipped prediction is flipped back and the flipped axes'
+    components negated (channel 0 = x flips with the last axis, channel 1 = y with the one
+    before)."""
     total = None
-    for dims, signs in _FLIPS:
+    for dims, signs in FLIP_SETS[flips]:
         m, f = (moving.flip(dims), fixed.flip(dims)) if dims else (moving, fixed)
         u = net(m, f)
         if dims:
@@ -126,7 +139,7 @@ def flip_averaged(net: UNet, moving: Tensor, fixed: Tensor) -> Tensor:
             u = u.flip(dims) * sign
         total = u if total is None else total + u
     assert total is not None
-    return total / len(_FLIPS)
+    return total / flips
 
 
 @dataclass
@@ -135,12 +148,12 @@ class TissuePatches:
     ``group`` at a time and without autograd, only on patch pairs where either side has tissue
     (:func:`wsireg.core.stain.has_tissue`); pairs blank on both sides get a zero displacement
     (what the network would predict there is noise, and skipping them saves most of the work
-    on slides that are largely glass). ``flip_average``: :func:`flip_averaged`. ``counts``
+    on slides that are largely glass). ``flips``: :func:`flip_averaged`. ``counts``
     tallies the patches run and skipped."""
 
     net: UNet
     group: int
-    flip_average: bool = False
+    flips: int = 1
     counts: PatchCounts | None = None
 
     def __call__(self, moving: Tensor, fixed: Tensor, v: Tensor) -> Tensor:
@@ -157,8 +170,8 @@ class TissuePatches:
         return preds
 
     def _predict(self, moving: Tensor, fixed: Tensor) -> Tensor:
-        if self.flip_average:
-            return flip_averaged(self.net, moving, fixed)
+        if self.flips > 1:
+            return flip_averaged(self.net, moving, fixed, self.flips)
         return self.net(moving, fixed)
 
 
@@ -191,7 +204,7 @@ def register_level(
     if moving.shape != fixed.shape:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} differ")
     device = next(net.parameters()).device
-    predict = TissuePatches(net, settings.group, settings.flip_average, counts)
+    predict = TissuePatches(net, settings.group, settings.flips, counts)
     v = level_field(
         moving.to(device),
         fixed.to(device),

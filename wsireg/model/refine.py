@@ -37,7 +37,12 @@ class RefineSettings:
     """Knobs of :func:`refine_field`."""
 
     steps: int = 0
-    """Adam steps (0: no refinement)."""
+    """Adam steps at the coarsest level (0: no refinement), :attr:`decay` times fewer per finer
+    level."""
+    alone_steps: int | None = None
+    """The same for the levels that have no network (all levels without a model; with one,
+    those coarser than its networks): ``None`` = :attr:`steps`. There the optimisation is all
+    that moves the field, so it runs even when the networks' levels are not refined."""
     learning_rate: float = 0.5
     """Adam step size, pixels of the level."""
     alpha: float = 1.0
@@ -57,11 +62,12 @@ class RefineSettings:
     """Each finer pyramid level gets ``decay`` times the steps of the coarser one (fine levels
     cost 4x more per step and start closer to the optimum)."""
 
-    def steps_at(self, level: int) -> int:
-        """Steps at pyramid level ``level`` (0 = coarsest)."""
-        if self.steps <= 0:
+    def steps_at(self, level: int, has_network: bool = True) -> int:
+        """Steps at pyramid level ``level`` (0 = coarsest), with or without a network there."""
+        steps = self.steps if has_network or self.alone_steps is None else self.alone_steps
+        if steps <= 0:
             return 0
-        return max(1, round(self.steps * self.decay**level))
+        return max(1, round(steps * self.decay**level))
 
 
 def refine_field(

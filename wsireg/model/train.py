@@ -230,7 +230,7 @@ class TrainConfig:
             stride=self.step.stride,
             group=self.step.group,
             smoothing=0.0,
-            flip_average=False,
+            flips=1,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import math
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 
 from wsireg import __version__
 from wsireg.core.coords import grid_to_level0_affine
+from wsireg.core.stain import background_rgb
 from wsireg.engine.align import align, similarity_on_grid
 from wsireg.engine.options import no_overrides_left, take_overrides
 from wsireg.engine.parallel import Execution, peak_rss_mib
@@ -127,7 +128,8 @@ def register(
         with timings.measure("align_s"):
             alignment = _align(slides, work, resume)
         with timings.measure("nonrigid_s"):
-            transform, levels = _estimate(slides, alignment, settings, model, stage, resume)
+            on_glass = alignment.slides_on_glass(slides)
+            transform, levels = _estimate(on_glass, alignment, settings, model, stage, resume)
         with timings.measure("save_s"):
             transform.parameters = settings.transform_parameters()
             transform.write_document(stage / TRANSFORM)
@@ -295,6 +297,13 @@ class _Alignment:
     target_thumbnail: np.ndarray
     target_downsample: float
 
+    def slides_on_glass(self, slides: SlidePair) -> SlidePair:
+        """``slides`` with the glass colours the alignment measured on the thumbnails."""
+        glass = self.info["glass"]
+        return replace(
+            slides, source_glass=tuple(glass["source"]), target_glass=tuple(glass["target"])
+        )
+
 
 def _align(slides: SlidePair, work: Path, resume: bool) -> _Alignment:
     """Affine initial alignment on thumbnails at equal physical resolution; cached in
@@ -304,10 +313,11 @@ def _align(slides: SlidePair, work: Path, resume: bool) -> _Alignment:
     d_s = d_t * scale  # equal physical pixel size (may upsample a coarser source)
     target_thumb = thumbnail(slides.target, slides.target_ref, d_t)
     cached = work / "align.json"
-    if resume and cached.is_file():
-        info = json.loads(cached.read_text())
-        return _Alignment(np.array(info["matrix"]), info, target_thumb, d_t)
     source_thumb = thumbnail(slides.source, slides.source_ref, d_s)
+    glass = {"source": glass_colour(source_thumb), "target": glass_colour(target_thumb)}
+    if resume and cached.is_file():
+        info = {**json.loads(cached.read_text()), "glass": glass}
+        return _Alignment(np.array(info["matrix"]), info, target_thumb, d_t)
     result = align(
         source_thumb,
         target_thumb,
@@ -325,10 +335,17 @@ def _align(slides: SlidePair, work: Path, resume: bool) -> _Alignment:
         "similarity_after": result.similarity_after,
         "physical_scale": scale,
         "thumbnail_downsample": {"source": d_s, "target": d_t},
+        "glass": glass,
         "timings": result.timings,
     }
     cached.write_text(json.dumps(info))
     return _Alignment(result.matrix, info, target_thumb, d_t)
+
+
+def glass_colour(thumbnail: np.ndarray) -> list[float]:
+    """A slide's glass colour (RGB grey levels, rounded to 0.1) from its thumbnail
+    (:func:`wsireg.core.stain.background_rgb`)."""
+    return [round(float(c), 1) for c in background_rgb(thumbnail)]
 
 
 def _estimate(

@@ -36,6 +36,21 @@ COARSEST_SIDE = 256
 REFINE_STEPS = 40
 
 
+_INTEGER_OPTIONS = (
+    "level",
+    "levels",
+    "iterations",
+    "patch",
+    "stride",
+    "group",
+    "refine",
+    "flips",
+    "warp_level",
+    "threads",
+)
+_FLAG_OPTIONS = ("write_warped",)
+
+
 @dataclass(frozen=True)
 class RegisterOptions:
     """What a user asks of a registration (``None``: the default, resolved per pair).
@@ -44,11 +59,12 @@ class RegisterOptions:
     size, :func:`default_finest_downsample`). ``levels``, ``iterations``, ``patch``,
     ``stride``, ``group``: Algorithm 1's N, M, P, S, G (defaults: the model's; N see
     :func:`default_levels`). ``refine``: instance-optimisation steps per block at the coarsest
-    level, halved per finer level (default: 0 with weights, :data:`REFINE_STEPS` without).
-    ``weights``: ``None`` or ``"none"`` (pure instance optimisation), ``"default"`` (the shipped
-    networks) or a path; the accuracy of each on real and synthetic pairs is measured by
-    ``benchmarks/anhir_accuracy.py`` and ``benchmarks/network_accuracy.py`` (README).
-    ``flip_average``: average the networks' predictions over the four flips of each patch
+    level, halved per finer level (default: 0 at the networks' levels; levels without a network
+    get at least :data:`REFINE_STEPS`). ``weights``: ``"default"`` (the shipped networks, the
+    default), ``None`` or ``"none"`` (pure instance optimisation) or a path; the accuracy of
+    each on real and synthetic pairs is measured by ``benchmarks/anhir_accuracy.py`` and
+    ``benchmarks/network_accuracy.py`` (README).
+    ``flips``: average the networks' predictions over 1, 2 or 4 flips of each patch
     (default: the model's setting). ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     ``warp_level``: target level of ``warped.ome.zarr``; ``write_warped=False`` skips it.
     ``threads``: threads of the warp (default: the CPU count).
@@ -61,12 +77,24 @@ class RegisterOptions:
     stride: int | None = None
     group: int | None = None
     refine: int | None = None
-    weights: str | Path | None = None
-    flip_average: bool | None = None
+    weights: str | Path | None = "default"
+    flips: int | None = None
     device: str = "auto"
     warp_level: int = 0
     write_warped: bool = True
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject a value of the wrong type at once (``TypeError`` naming the option): the
+        string ``"False"`` is not a flag, ``2.5`` not a level."""
+        for name in _INTEGER_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"option {name} must be an integer, not {value!r}")
+        for name in _FLAG_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"option {name} must be True or False, not {value!r}")
 
     @property
     def uses_networks(self) -> bool:
@@ -115,7 +143,7 @@ class RegistrationSettings:
             **self._algorithm(),
             "block": s.block,
             "smoothing": s.inference.smoothing,
-            "flip_average": s.inference.flip_average,
+            "flips": s.inference.flips,
             "refine": asdict(s.refine),
             "finest_downsample": s.finest_downsample,
             "warp_level": self.warp_level,
@@ -149,11 +177,12 @@ def resolve_settings(
         patch=options.patch or None,
         stride=options.stride or None,
         group=options.group or None,
-        flip_average=options.flip_average,
+        flips=options.flips,
     )
     steps = options.refine
     if steps is None:
         steps = 0 if model is not None else REFINE_STEPS
+    alone = max(steps, REFINE_STEPS) if model is not None else None
     finest = (
         default_finest_downsample(target)
         if options.level is None
@@ -161,7 +190,7 @@ def resolve_settings(
     )
     if options.levels is None:
         networks = model.num_levels if model is not None else 0
-        levels = default_levels(target, finest, networks, steps > 0)
+        levels = default_levels(target, finest, networks)
     else:
         stored = model.metadata.get("inference", {}).get("levels") if model else None
         levels = options.levels or stored or SchedulerSettings.levels
@@ -169,7 +198,7 @@ def resolve_settings(
         levels=levels,
         finest_downsample=finest,
         inference=inference,
-        refine=RefineSettings(steps=steps),
+        refine=RefineSettings(steps=steps, alone_steps=alone),
     )
     warp_level = options.warp_level if options.write_warped else None
     return RegistrationSettings(scheduler, device, weights, warp_level)
@@ -181,15 +210,13 @@ def default_finest_downsample(target: SlideRef, side: int = DEFAULT_FIELD_SIDE) 
     return float(2 ** max(0, math.ceil(math.log2(longest / side))))
 
 
-def default_levels(target: SlideRef, finest: float, networks: int = 0, refine: bool = True) -> int:
+def default_levels(target: SlideRef, finest: float, networks: int = 0) -> int:
     """Levels until the coarsest grid is about :data:`COARSEST_SIDE` pixels (1 to 8), and at
-    least the model's ``networks`` (Algorithm 1's ``N`` is the model's). Without ``refine``
-    the depth is the model's: levels coarser than the networks are registered by instance
-    optimisation alone (:func:`wsireg.engine.scheduler.estimate_field`). A coarse start matters
-    at level 0 of large slides, and is cheap (refinement steps halve per finer level):
-    ``benchmarks/scale_register.py`` measures the error and time per depth."""
+    least the model's ``networks`` (Algorithm 1's ``N`` is the model's). Levels coarser than
+    the networks are registered by instance optimisation alone
+    (:func:`wsireg.engine.scheduler.estimate_field`, :data:`REFINE_STEPS` at the coarsest). A
+    coarse start matters at level 0 of large slides, and is cheap (refinement steps halve per
+    finer level): ``benchmarks/scale_register.py`` measures the error and time per depth."""
     longest = max(target.shape) / finest
     levels = int(np.clip(math.floor(math.log2(max(longest, 1) / COARSEST_SIDE)) + 1, 1, 8))
-    if networks and not refine:
-        return networks
     return max(levels, networks)
