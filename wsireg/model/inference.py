@@ -50,6 +50,19 @@ class PatchCounts:
     skipped: int = 0
 
 
+Flip = tuple[tuple[int, ...], tuple[float, float]]
+_NONE: Flip = ((), (1.0, 1.0))
+_ROTATION: Flip = ((-2, -1), (-1.0, -1.0))
+_MIRRORS: tuple[Flip, Flip] = (((-1,), (-1.0, 1.0)), ((-2,), (1.0, -1.0)))
+FLIP_SETS: dict[int, tuple[Flip, ...]] = {
+    1: (_NONE,),
+    2: (_NONE, _ROTATION),
+    4: (_NONE, _ROTATION, *_MIRRORS),
+}
+"""The flips of :func:`flip_averaged` by count: spatial dims flipped, and the sign of the
+field's (x, y) components in the flipped frame."""
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """The parameters of Algorithm 1 (Sec. 2 of the paper) besides the networks. The values
@@ -79,7 +92,7 @@ class InferenceSettings:
     ``benchmarks/anhir_accuracy.py --set flips=N``)."""
 
     def __post_init__(self) -> None:
-        if self.flips not in (1, 2, 4):
+        if self.flips not in FLIP_SETS:
             raise ValueError(f"flips must be 1, 2 or 4, not {self.flips!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,18 +124,6 @@ def inference_settings(model: MultiLevelModel | None, **overrides: Any) -> Infer
 
 
 # --- the inference strategy ----------------------------------------------------------------------
-
-Flip = tuple[tuple[int, ...], tuple[float, float]]
-_NONE: Flip = ((), (1.0, 1.0))
-_ROTATION: Flip = ((-2, -1), (-1.0, -1.0))
-_MIRRORS: tuple[Flip, Flip] = (((-1,), (-1.0, 1.0)), ((-2,), (1.0, -1.0)))
-FLIP_SETS: dict[int, tuple[Flip, ...]] = {
-    1: (_NONE,),
-    2: (_NONE, _ROTATION),
-    4: (_NONE, _ROTATION, *_MIRRORS),
-}
-"""The flips of :func:`flip_averaged` by count: spatial dims flipped, and the sign of the
-field's (x, y) components in the flipped frame."""
 
 
 def flip_averaged(net: UNet, moving: Tensor, fixed: Tensor, flips: int = 4) -> Tensor:
