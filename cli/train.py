@@ -6,10 +6,47 @@ from pathlib import Path
 
 import click
 
-from .main import cli
+from .main import cli, examples
 
 
-@cli.command()
+def _weights(value: str | None) -> dict[str, float] | None:
+    """``name=weight,...`` as a dict (``None`` when not given)."""
+    if value is None:
+        return None
+    weights = {}
+    for item in value.split(","):
+        name, _, weight = item.partition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not NAME=WEIGHT") from None
+    return weights
+
+
+#: Training sources read from the folder of --slides-dir (wsireg.model.training_data).
+SLIDE_SOURCES = ("cmu", "tcga")
+
+
+def _check_slides_dir(sources: dict[str, float], slides_dir: Path | None) -> None:
+    """A usage error when ``sources`` draw from real slides and no folder holds them (the
+    data is never looked for beside the installed package)."""
+    needed = [name for name in SLIDE_SOURCES if float(sources.get(name, 0)) > 0]
+    if needed and slides_dir is None:
+        raise click.UsageError(
+            f"the sources {', '.join(needed)} read real slides: give --slides-dir FOLDER "
+            "(e.g. ../shared/data/slides) or set WSIREG_SLIDES_DIR, or leave them out "
+            "with --sources"
+        )
+
+
+@cli.command(
+    epilog=examples(
+        "wsireg train -o base/ --slides-dir ../shared/data/slides",
+        "wsireg train --init-weights base/model.pt --section-change 0.5 --lr 5e-4 --epochs 6 \\",
+        "    --slides-dir ../shared/data/slides -o mid/",
+        "wsireg train -o base/ --resume --epochs 40 --slides-dir ../shared/data/slides",
+    )
+)
 @click.argument("config", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "-o",
@@ -84,9 +121,29 @@ from .main import cli
 @click.option("--seed", type=int, help="Random seed (data and initialisation).")
 @click.option("--threads", type=int, help="torch CPU threads.")
 @click.option(
+    "--sources",
+    callback=lambda _ctx, _param, value: _weights(value),
+    help="Sampling weights of the data sources, e.g. synthetic=0.3,cmu=0.15,tcga=0.2,ihc=0.1,"
+    "sections=0.25 (default: synthetic=0.4,cmu=0.2,tcga=0.25,ihc=0.15).",
+)
+@click.option(
+    "--sections",
+    multiple=True,
+    callback=lambda _ctx, _param, value: tuple(str(Path(v).resolve()) for v in value) or None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Image of a real section, in section order (repeat; the 'sections' source: "
+    "neighbouring sections aligned affinely, trained with the unsupervised loss).",
+)
+@click.option(
+    "--section-gap", type=int, help="Sections up to this far apart make pairs (default 1)."
+)
+@click.option(
     "--slides-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder with the real training slides (default: ../shared/data/slides).",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    envvar="WSIREG_SLIDES_DIR",
+    help="Folder with the real training slides (cmu-1-small-region.svs, "
+    "tcga-cr-7395-01a-01-ts1.svs), or $WSIREG_SLIDES_DIR; needed when the sources include "
+    "cmu or tcga (the default ones do).",
 )
 def train(
     config: Path | None, out_dir: Path, resume: bool, slides_dir: Path | None, **options: object
@@ -102,7 +159,13 @@ def train(
     from wsireg.model.train import train as run_train
 
     cfg = resolve_config(config, options, out_dir, resume)
-    model = run_train(cfg, out_dir, resume=resume, slides_dir=slides_dir)
+    _check_slides_dir(cfg.crops.sources, slides_dir)
+    sections = ()
+    if cfg.crops.sections:
+        from wsireg.run.sections import aligned_sections
+
+        sections = aligned_sections(cfg.crops.sections, cfg.crops.section_gap)
+    model = run_train(cfg, out_dir, resume=resume, slides_dir=slides_dir, sections=sections)
     click.echo(str(out_dir / MODEL))
     final = model.metadata.get("training", {}).get("final_loss")
     if final is not None:

@@ -22,9 +22,12 @@ from wsireg.model.train import (
     resolve_config,
     train,
 )
+from wsireg.model.trainer import end_point_error
 from wsireg.model.training_data import (
     Crop,
+    CropSettings,
     PairSettings,
+    TrainingData,
     heldout_region,
     load_real_image,
     make_pair,
@@ -277,7 +280,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path) -> None:
     assert len((tmp_path / "b" / "log.csv").read_text().splitlines()) == 3
 
 
-def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
+def test_cli_train_writes_a_loadable_model(run_cli, tmp_path, slides_dir) -> None:
     out = tmp_path / "model"
     config = tmp_path / "cfg.json"
     config.write_text(
@@ -297,7 +300,7 @@ def test_cli_train_writes_a_loadable_model(run_cli, tmp_path) -> None:
     )
     result = run_cli(
         "-q", "train", config, "-o", out, "--epochs", "1", "--iterations", "1",
-        "--representation", "haematoxylin",
+        "--representation", "haematoxylin", "--slides-dir", slides_dir,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     model = MultiLevelModel.load(out / "model.pt")
@@ -355,3 +358,56 @@ def test_content_change_shows_other_tissue_in_part_of_the_fixed_side() -> None:
     diff = (a.loss_fixed - b.loss_fixed).abs().amax(1)[0]
     changed_share = float((diff > 0.02).float().mean())
     assert 0.03 < changed_share < 0.6, changed_share  # a blob, not the whole crop
+
+
+def test_a_section_pair_has_unknown_truth_and_both_sections_as_loss_images() -> None:
+    cfg = PairSettings(crop=64, margin=16, max_displacement=3.0, missing_tissue=0.0)
+    side = cfg.crop + 2 * cfg.margin
+    first, second = _tissue_rgb(side, 1), _tissue_rgb(side, 2)
+    pair = make_pair(Crop(first, second, "test", known=False), cfg, np.random.default_rng(0))
+    assert pair.truth.shape == (1, 2, cfg.crop, cfg.crop) and torch.isnan(pair.truth).all()
+    # the loss compares the two sections themselves: they differ (not one stain twice)
+    assert float((pair.loss_moving - pair.loss_fixed).abs().mean()) > 0.02
+    assert torch.isfinite(pair.moving).all() and torch.isfinite(pair.fixed).all()
+
+
+def test_training_data_crops_the_same_place_of_both_sections() -> None:
+    image = _tissue_rgb(256, 3)
+    crops = CropSettings(sources={"sections": 1.0}, section_grey=1.0, section_scale_range=(1, 1))
+    with pytest.raises(ValueError, match="sections"):
+        TrainingData(crops, PairSettings(crop=64, margin=16))
+    data = TrainingData(crops, PairSettings(crop=64, margin=16), sections=((image, image),))
+    crop = data.crop(np.random.default_rng(0))
+    assert not crop.known and crop.clean.shape == (96, 96, 3)
+    assert np.array_equal(crop.clean, crop.other)  # one window of two identical sections
+    assert np.array_equal(crop.clean[..., 0], crop.clean[..., 2])  # grey as R, G and B
+
+
+def test_training_on_sections_alone_runs_the_unsupervised_loss(tmp_path) -> None:
+    # sections only and beta > 0: the supervised term has no known truth and adds nothing,
+    # the loss stays finite and the networks change
+    image = _tissue_rgb(192, 4)
+    shifted = np.roll(image, 2, axis=1)
+    cfg = _config(sources={"sections": 1.0}, supervision=1.0, steps_per_epoch=2, epochs=1)
+    torch.manual_seed(cfg.seed)
+    start = MultiLevelModel.uniform(cfg.levels, cfg.network, inference=cfg.inference.to_dict())
+    model = train(cfg, tmp_path, sections=((image, shifted),))
+    history = model.metadata["training"]["history"]
+    assert np.isfinite(history[-1]["loss"])
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(start.state_dict().values(), model.state_dict().values(), strict=True)
+    ]
+    assert any(changed)
+
+
+def test_end_point_error_skips_patches_of_unknown_truth() -> None:
+    pred = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    target = torch.ones(2, 2, 4, 4)
+    assert float(end_point_error(pred, target).detach()) == pytest.approx(2**0.5)
+    target[1] = float("nan")
+    loss = end_point_error(pred, target)
+    assert float(loss.detach()) == pytest.approx(2**0.5 / 2)  # half of the patches add nothing
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and float(pred.grad[1].abs().sum()) == 0.0
+    assert float(end_point_error(pred, torch.full_like(target, float("nan")))) == 0.0

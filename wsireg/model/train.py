@@ -59,7 +59,14 @@ from wsireg.errors import InputError, WsiregError
 from wsireg.model.inference import InferenceSettings
 from wsireg.model.network import MultiLevelModel, UNetConfig
 from wsireg.model.trainer import GroupTrainer, train_pyramid
-from wsireg.model.training_data import HOLDOUT, CropSettings, Pair, PairSettings, TrainingData
+from wsireg.model.training_data import (
+    HOLDOUT,
+    CropSettings,
+    Pair,
+    PairSettings,
+    SectionPair,
+    TrainingData,
+)
 from wsireg.progress import progress
 
 __all__ = [
@@ -395,6 +402,7 @@ def train(
     resume: bool = False,
     slides_dir: str | Path | None = None,
     data: PairSource | None = None,
+    sections: tuple[SectionPair, ...] = (),
 ) -> MultiLevelModel:
     """Train a :class:`~wsireg.model.network.MultiLevelModel` and save it to ``out_dir/model.pt``.
 
@@ -403,7 +411,9 @@ def train(
     ``model.pt`` (+ checksum sidecar). With ``resume`` the run continues after the last
     checkpointed epoch (``epochs`` may be larger than before); without it an existing
     checkpoint is an error. ``data`` replaces :class:`~wsireg.model.training_data.TrainingData`
-    (tests): it maps an RNG and a displacement scale to a :class:`Pair`. Epoch ``e`` draws its
+    (tests): it maps an RNG and a displacement scale to a :class:`Pair`. ``sections``: the
+    aligned section pairs of ``cfg.crops.sections`` (:func:`wsireg.run.sections.
+    aligned_sections`), for the ``"sections"`` source. Epoch ``e`` draws its
     pairs from ``numpy.random.default_rng([seed, e])``, so a resumed run sees the same data as
     an uninterrupted one.
     """
@@ -426,7 +436,7 @@ def train(
     elif opt.init_weights:  # a fresh run fine-tuning given networks (copied in place)
         _load_initial(model, Path(opt.init_weights))
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    sample = data or TrainingData(cfg.crops, cfg.pairs, cfg.seed, slides_dir).pair
+    sample = data or TrainingData(cfg.crops, cfg.pairs, cfg.seed, slides_dir, sections).pair
     for epoch in range(start, opt.epochs):
         history.append(_run_epoch(model, optimizers, cfg, epoch, sample))
         with warnings.catch_warnings():  # a level may have had no step in a short epoch

@@ -32,7 +32,18 @@ from wsireg.model.inference import InferenceSettings
 from wsireg.model.network import MultiLevelModel, UNet
 from wsireg.model.training_data import Pair
 
-__all__ = ["GroupPatches", "GroupTrainer", "train_level", "train_pyramid"]
+__all__ = ["GroupPatches", "GroupTrainer", "end_point_error", "train_level", "train_pyramid"]
+
+
+def end_point_error(pred: Tensor, target: Tensor) -> Tensor:
+    """The end-point error ``|pred - target|`` (pixels) summed over the pixels of the patches
+    ``(g, 2, P, P)`` whose ``target`` is known and divided by all pixels: the mean error when
+    every target is known; a patch with a NaN target (a pair of real sections) adds nothing."""
+    known = torch.isfinite(target).flatten(1).all(dim=1)
+    if not bool(known.any()):
+        return pred.new_zeros(())
+    error = torch.linalg.vector_norm(pred[known] - target[known], dim=1)
+    return error.mean() * (known.float().mean())
 
 
 @dataclass
@@ -90,7 +101,7 @@ class GroupTrainer:
         warped = fields.warp_image(loss_moving, pred, padding="border")
         loss = losses.registration_loss(warped, loss_fixed, pred, self.alpha, self.similarity)
         if self.supervision > 0 and target is not None:
-            loss = loss + self.supervision * torch.linalg.vector_norm(pred - target, dim=1).mean()
+            loss = loss + self.supervision * end_point_error(pred, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

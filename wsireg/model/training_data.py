@@ -11,6 +11,10 @@ Sources (:class:`TrainingData`, :class:`CropSettings`), never the ANHIR evaluati
     ``scale_range``), real IHC (``skimage.data.immunohistochemistry()``), and procedural tissue
     of :mod:`wsireg.synthetic.texture` (training seeds only, random ``texture_downsample``). The
     held-out regions of :data:`HOLDOUT` are cut away before any crop is taken.
+    ``"sections"``: pairs of real neighbouring sections in two stains, affinely aligned by the
+    caller (:func:`wsireg.run.sections.aligned_sections`), cropped at the same place in both;
+    their remaining displacement is unknown, so they train with the paper's unsupervised loss
+    alone (the pair's ``truth`` is NaN, see :func:`make_section_pair`).
 
 Pairs (:func:`make_pair`, :class:`PairSettings`): a crop of side ``crop + 2 * margin`` becomes
     * geometry: random rot90/flip of the crop, then one side is resampled through
@@ -56,16 +60,19 @@ __all__ = [
     "KNOWN_STAIN_CHANGES",
     "SOURCES",
     "STAIN_CHANGES",
+    "SectionPair",
     "Crop",
     "CropSettings",
     "Pair",
     "PairSettings",
     "TrainingData",
     "crop_region",
+    "crop_regions",
     "default_slides_dir",
     "heldout_region",
     "load_real_image",
     "make_pair",
+    "make_section_pair",
     "random_displacement",
     "restain",
     "smooth_mask",
@@ -78,7 +85,7 @@ STAIN_CHANGES = ("he", "ihc", "single", "swap")
 trained with, ``wsireg/weights/README.md``)."""
 KNOWN_STAIN_CHANGES = (*STAIN_CHANGES, "fade")
 """Every stain change :func:`restain` knows (``"fade"`` is opt-in)."""
-SOURCES = ("synthetic", "cmu", "tcga", "ihc")
+SOURCES = ("synthetic", "cmu", "tcga", "ihc", "sections")
 """The data sources :class:`TrainingData` draws crops from."""
 
 
@@ -101,6 +108,16 @@ class CropSettings:
     """Synthetic training seeds (evaluation uses seeds >= 900)."""
     synthetic_downsample: tuple[float, float] = (1.0, 24.0)
     """Log-uniform range of ``texture_downsample`` of synthetic tissue."""
+    sections: tuple[str, ...] = ()
+    """Image files of consecutive real sections, in section order, for the ``"sections"``
+    source (aligned pairwise before training by :func:`wsireg.run.sections.aligned_sections`)."""
+    section_gap: int = 1
+    """Sections up to this far apart make pairs (1: neighbours only)."""
+    section_scale_range: tuple[float, float] = (0.5, 2.0)
+    """Crops of neighbouring sections are resampled by a log-uniform factor in this range."""
+    section_grey: float = 0.25
+    """Probability that both crops of a section pair are turned into grey (luminance as R, G
+    and B), as grey slides reach the networks."""
     synthetic_bank: int = 384
     """Synthetic crops drawn once and then reused (each use gets its own rotation, flip,
     deformation and degradation): rendering procedural tissue costs far more than cutting a
@@ -173,6 +190,7 @@ HOLDOUT: dict[str, str] = {
 }
 """Regions never used for training, for evaluation (also written to the model's README)."""
 
+_REAL_SOURCES = ("cmu", "tcga", "ihc")
 _REAL_FILES = {"cmu": "cmu-1-small-region.svs", "tcga": "tcga-cr-7395-01a-01-ts1.svs"}
 # (axis, start) of the held-out part: rows (0) or columns (1) from `start` on.
 _SPLITS = {"cmu": (0, 2225), "tcga": (1, 3332), "ihc": (1, 384)}
@@ -224,6 +242,22 @@ def tissue_fraction(rgb: np.ndarray, step: int = 4) -> float:
     return float(stained(rgb[::step, ::step]).mean())
 
 
+def _window(image: np.ndarray, y0: int, x0: int, src: int, fill: np.ndarray | None) -> np.ndarray:
+    """The ``src x src`` window of ``image`` at ``(y0, x0)``, ``fill`` (default white) beyond
+    the image."""
+    h, w = image.shape[:2]
+    canvas = np.empty((src, src, 3), np.uint8)
+    canvas[:] = 255 if fill is None else fill
+    ya, yb, xa, xb = max(y0, 0), min(y0 + src, h), max(x0, 0), min(x0 + src, w)
+    canvas[ya - y0 : yb - y0, xa - x0 : xb - x0] = image[ya:yb, xa:xb]
+    return canvas
+
+
+def _resized(window: np.ndarray, size: int) -> np.ndarray:
+    interp = cv2.INTER_AREA if window.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(window, (size, size), interpolation=interp)
+
+
 def crop_region(
     image: np.ndarray,
     size: int,
@@ -235,24 +269,33 @@ def crop_region(
     """A ``size x size`` crop of ``image`` resampled by ``1 / scale`` (``scale`` level-0 px per
     output px), ``fill`` (default white) beyond the image; the most tissue-rich of ``tries``
     random windows."""
-    h, w = image.shape[:2]
+    return crop_regions((image,), size, scale, rng, fill, tries)[0]
+
+
+def crop_regions(
+    images: tuple[np.ndarray, ...],
+    size: int,
+    scale: float,
+    rng: np.random.Generator,
+    fill: np.ndarray | None = None,
+    tries: int = 8,
+) -> tuple[np.ndarray, ...]:
+    """:func:`crop_region` at the same place of several images of one shape: the window whose
+    least tissue-rich image has the most tissue."""
+    h, w = images[0].shape[:2]
     src = max(1, int(round(size * scale)))
     best, best_frac = None, -1.0
     for _ in range(tries):
         y0 = int(rng.integers(min(0, h - src), max(1, h - src + 1)))
         x0 = int(rng.integers(min(0, w - src), max(1, w - src + 1)))
-        canvas = np.empty((src, src, 3), np.uint8)
-        canvas[:] = 255 if fill is None else fill
-        ya, yb, xa, xb = max(y0, 0), min(y0 + src, h), max(x0, 0), min(x0 + src, w)
-        canvas[ya - y0 : yb - y0, xa - x0 : xb - x0] = image[ya:yb, xa:xb]
-        frac = tissue_fraction(canvas, step=max(1, src // 64))
+        windows = tuple(_window(image, y0, x0, src, fill) for image in images)
+        frac = min(tissue_fraction(win, step=max(1, src // 64)) for win in windows)
         if frac > best_frac:
-            best, best_frac = canvas, frac
+            best, best_frac = windows, frac
         if frac > 0.4:
             break
     assert best is not None
-    interp = cv2.INTER_AREA if src > size else cv2.INTER_LINEAR
-    return cv2.resize(best, (size, size), interpolation=interp)
+    return tuple(_resized(win, size) for win in best)
 
 
 # --- stain changes ------------------------------------------------------------------------------
@@ -406,11 +449,13 @@ def _missing(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
 class Crop(NamedTuple):
     """The same tissue twice: ``clean`` (original stain) and ``other`` (another stain),
-    ``[y, x, 3]`` uint8 of side ``crop + 2 * margin``."""
+    ``[y, x, 3]`` uint8 of side ``crop + 2 * margin``. With ``known=False`` ``other`` is the
+    same place of a neighbouring section (aligned up to an unknown displacement)."""
 
     clean: np.ndarray
     other: np.ndarray
     source: str
+    known: bool = True
 
 
 class Pair(NamedTuple):
@@ -421,7 +466,14 @@ class Pair(NamedTuple):
     loss_moving: Tensor
     loss_fixed: Tensor
     truth: Tensor
-    """``u`` ``(1, 2, H, W)`` with ``fixed(x) = moving(x + u(x))`` (pixels)."""
+    """``u`` ``(1, 2, H, W)`` with ``fixed(x) = moving(x + u(x))`` (pixels); NaN where unknown
+    (pairs of real sections)."""
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """Luminance (ITU-R 601) as R, G and B."""
+    luma = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return np.repeat(luma[..., None], 3, axis=2)
 
 
 def _to_tensor(rgb: np.ndarray) -> Tensor:
@@ -457,23 +509,67 @@ def _change_content(
         out[:] = np.round(out * (1.0 - mask) + donor * mask).astype(np.uint8)
 
 
-def make_pair(
-    crop: Crop, cfg: PairSettings, rng: np.random.Generator, displacement_scale: float = 1.0
-) -> Pair:
-    """A training pair of side ``cfg.crop`` from a :class:`Crop` (module docstring); the
-    smooth displacement and the translation are multiplied by ``displacement_scale``."""
+def _oriented(crop: Crop, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Both images of ``crop`` turned by the same random multiple of 90 degrees and flipped
+    alike."""
     k = int(rng.integers(4))
     flip = bool(rng.integers(2))
     images = [np.rot90(img, k) for img in (crop.clean, crop.other)]
     if flip:
         images = [img[:, ::-1] for img in images]
     clean, other = (np.ascontiguousarray(img) for img in images)
+    return clean, other
+
+
+def _random_geometry(
+    cfg: PairSettings, rng: np.random.Generator, displacement_scale: float
+) -> tuple[Tensor, Tensor]:
+    """The random displacement ``(1, 2, crop, crop)`` of a pair (smooth part plus affine
+    jitter, pixels) and the identity grid of the crop inside its margin."""
     size, m = cfg.crop, cfg.margin
     amplitude = cfg.max_displacement * displacement_scale * float(rng.uniform(0.0, 1.0))
     spacing = float(rng.uniform(*cfg.deformation_spacing)) * displacement_scale
     affine = _affine_positions(size, cfg, rng, displacement_scale)
     disp = random_displacement(size, amplitude, rng, spacing) + affine
-    grid = wfield.identity_grid((size, size)) + m
+    return disp, wfield.identity_grid((size, size)) + m
+
+
+def _sub_pixel_offset(rng: np.random.Generator) -> Tensor:
+    return torch.from_numpy(rng.uniform(-0.5, 0.5, 2).astype(np.float32)).reshape(1, 2, 1, 1)
+
+
+def make_section_pair(
+    crop: Crop, cfg: PairSettings, rng: np.random.Generator, displacement_scale: float = 1.0
+) -> Pair:
+    """A training pair from two aligned neighbouring sections (``crop.known`` is False): one
+    section resampled through a random displacement as in :func:`make_pair`, the other at the
+    crop's centre; the loss compares the two sections themselves (the paper's setting) and the
+    truth is NaN, as the sections' own displacement is unknown (the supervised term skips
+    it)."""
+    first, second = _oriented(crop, rng)
+    disp, grid = _random_geometry(cfg, rng, displacement_scale)
+    if rng.random() < 0.5:
+        first, second = second, first
+    net = [_sample_rgb(first, grid + disp), _sample_rgb(second, grid + _sub_pixel_offset(rng))]
+    if rng.random() < cfg.missing_tissue:
+        side = int(rng.integers(2))
+        net[side][_missing((cfg.crop, cfg.crop), rng)] = 255
+    loss = [_to_tensor(img) for img in net]
+    net = [_degrade(img, rng) for img in net]
+    unknown = torch.full_like(disp, float("nan"))
+    return Pair(_to_tensor(net[1]), _to_tensor(net[0]), loss[1], loss[0], unknown)
+
+
+def make_pair(
+    crop: Crop, cfg: PairSettings, rng: np.random.Generator, displacement_scale: float = 1.0
+) -> Pair:
+    """A training pair of side ``cfg.crop`` from a :class:`Crop` (module docstring); the
+    smooth displacement and the translation are multiplied by ``displacement_scale``."""
+    if not crop.known:
+        return make_section_pair(crop, cfg, rng, displacement_scale)
+    clean, other = _oriented(crop, rng)
+    disp, grid = _random_geometry(cfg, rng, displacement_scale)
+    size = cfg.crop
     deformed = grid + disp
     # a neighbouring section: fine mismatch, same truth (no random draw when off, so that
     # settings without it draw the same sequence as before it existed)
@@ -486,7 +582,7 @@ def make_pair(
     # sharper (else the network learns to blur the moving image by half-pixel shifts, which
     # raises the NCC of misaligned pairs).
     # zero-mean, so that the truth has no systematic shift the networks could learn as a prior
-    offset = torch.from_numpy(rng.uniform(-0.5, 0.5, 2).astype(np.float32)).reshape(1, 2, 1, 1)
+    offset = _sub_pixel_offset(rng)
     identity = grid + offset
     stains = [clean, other] if rng.random() < 0.5 else [other, clean]
     net = [_sample_rgb(stains[0], deformed), _sample_rgb(stains[1], identity)]
@@ -512,9 +608,15 @@ def make_pair(
     )
 
 
+#: Two neighbouring sections, uint8 RGB ``[y, x, 3]`` of one shape, the second affinely aligned
+#: onto the first.
+SectionPair = tuple[np.ndarray, np.ndarray]
+
+
 class TrainingData:
     """Random crops of the training sources (:data:`HOLDOUT` excluded), as :class:`Crop`, and
-    the pairs made of them. ``seed`` seeds the bank of synthetic crops."""
+    the pairs made of them. ``seed`` seeds the bank of synthetic crops. ``sections``: the
+    aligned pairs of neighbouring sections the ``"sections"`` source draws from."""
 
     def __init__(
         self,
@@ -522,6 +624,7 @@ class TrainingData:
         pairs: PairSettings,
         seed: int = 0,
         slides_dir: str | Path | None = None,
+        sections: tuple[SectionPair, ...] = (),
     ) -> None:
         self.crops = crops
         self.pairs = pairs
@@ -530,23 +633,43 @@ class TrainingData:
         unknown = set(weights) - set(SOURCES)
         if unknown or not weights:
             raise ValueError(f"bad sources {crops.sources!r} (use {', '.join(SOURCES)})")
+        if "sections" in weights and not sections:
+            raise ValueError("the source 'sections' needs aligned section pairs (--sections)")
+        for first, second in sections:
+            if first.shape != second.shape or first.ndim != 3 or first.dtype != np.uint8:
+                raise ValueError("a section pair must be two uint8 RGB images of one shape")
         self.names = sorted(weights)
         total = sum(weights.values())
         self.probs = np.array([weights[n] / total for n in self.names])
-        self.real = {n: training_region(n, slides_dir) for n in self.names if n != "synthetic"}
+        self.real = {n: training_region(n, slides_dir) for n in self.names if n in _REAL_SOURCES}
+        self.sections = sections
         self._bank: list[Crop] = []
 
     def crop(self, rng: np.random.Generator) -> Crop:
-        """One random crop of side ``crop + 2 * margin`` with its second staining."""
+        """One random crop of side ``crop + 2 * margin`` with its second staining (or its
+        neighbouring section)."""
         name = self.names[int(rng.choice(len(self.names), p=self.probs))]
         side = self.pairs.crop + 2 * self.pairs.margin
         if name == "synthetic":
             return self._banked_synthetic(side, rng)
+        if name == "sections":
+            return self._section_crop(side, rng)
         lo, hi = self.crops.scale_range
         scale = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         clean = crop_region(self.real[name], side, scale, rng)
         other = restain(clean, rng, kinds=tuple(self.crops.stain_changes))
         return Crop(clean, other, f"{name}@{scale:.2f}")
+
+    def _section_crop(self, side: int, rng: np.random.Generator) -> Crop:
+        """The same window of both sections of a random pair, grey (both) with probability
+        ``section_grey``."""
+        index = int(rng.integers(len(self.sections)))
+        lo, hi = self.crops.section_scale_range
+        scale = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        first, second = crop_regions(self.sections[index], side, scale, rng)
+        if rng.random() < self.crops.section_grey:
+            first, second = _grey(first), _grey(second)
+        return Crop(first, second, f"sections{index}@{scale:.2f}", known=False)
 
     def _banked_synthetic(self, side: int, rng: np.random.Generator) -> Crop:
         """A synthetic crop from the bank (filled on first use with its own generator, so the
