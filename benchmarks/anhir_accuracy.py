@@ -152,11 +152,11 @@ def run_wsireg(case: Case, workdir: Path, options: RegisterOptions) -> dict:
     out = workdir / case.table / case.pair.name
     result = register(case.pair.source, case.pair.target, out, options, overwrite=True)
     seconds = time.perf_counter() - start
-    mapped, residual = result.transform.map_points(src, "source_to_target")
+    mapped, residual = result.transform.map_points_with_residual(src, "source_to_target")
     affine = Transform.from_affine(
         result.transform.initial_affine, result.transform.target, result.transform.source
     )
-    affine_mapped, _ = affine.map_points(src, "source_to_target")
+    affine_mapped = affine.map_points(src, "source_to_target")
     affine_errors = rtre(affine_mapped, case.marks.target, case.marks.diagonal)
     return row(case, "wsireg", mapped, seconds) | {
         "affine_median_rtre": float(np.median(affine_errors)),

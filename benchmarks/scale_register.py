@@ -45,7 +45,7 @@ start = time.perf_counter()
 result = register(source, target, out, overwrite=True, **options)
 report = result.report
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(),
-                  "levels": report["levels"], "timings_s": report["timings_s"],
+                  "pyramid": report["pyramid"], "timings_s": report["timings_s"],
                   "finest_downsample": report["parameters"]["finest_downsample"]}))
 """
 
@@ -84,7 +84,7 @@ def errors(out: Path, size: int, seed: int, truth, texture: float) -> tuple[np.n
     target_pts, source_pts = pair_landmarks(
         (size, size), seed, truth, n=300, texture_downsample=texture
     )
-    mapped, _ = Transform.load(out / "transform").map_points(target_pts, "target_to_source")
+    mapped = Transform.load(out / "transform").map_points(target_pts, "target_to_source")
     return (
         np.linalg.norm(mapped - source_pts, axis=1),
         np.linalg.norm(target_pts - source_pts, axis=1),
@@ -144,8 +144,8 @@ def main() -> None:
         )
         child = json.loads(done.stdout.strip().splitlines()[-1])
         error, before = errors(out, size, args.seed, truth, texture)
-        patches = sum(level["patches"] for level in child["levels"])
-        network_s = sum(level["network_s"] for level in child["levels"])
+        patches = sum(step["patches"] for step in child["pyramid"])
+        network_s = sum(step["network_s"] for step in child["pyramid"])
         print(
             json.dumps(
                 {

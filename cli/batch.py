@@ -13,7 +13,7 @@ import click
 
 from wsireg.engine.parallel import Execution
 
-from .main import cli, quiet_option
+from .main import cli, examples, quiet_option
 from .options import check_output_place
 from .register import options_from_cli, register_options
 
@@ -61,7 +61,12 @@ def execution_from_cli(values: dict) -> Execution:
     )
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg batch pairs.csv -o results/ --workers 2",
+        "wsireg batch pairs.csv -o results/ --resume",
+    )
+)
 @quiet_option
 @click.argument("pairs", type=click.Path(path_type=Path))
 @click.option(
@@ -107,7 +112,11 @@ def batch(pairs: Path, out: Path, resume: bool, overwrite: bool, **values) -> No
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg evaluate pairs.csv results/", "wsireg evaluate pairs.csv results/ --json rtre.json"
+    )
+)
 @quiet_option
 @click.argument("pairs", type=click.Path(path_type=Path))
 @click.argument("results", type=click.Path(path_type=Path))
@@ -131,7 +140,7 @@ def evaluate(pairs: Path, results: Path, json_out: Path | None, overwrite: bool)
     click.echo(f"metrics: {json_out}")
 
 
-@cli.command()
+@cli.command(epilog=examples("wsireg stack s1.svs s2.svs s3.svs -o stack/ --reference 1"))
 @quiet_option
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(

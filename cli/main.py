@@ -65,9 +65,19 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="\b\nStart with:\n  wsireg demo demo-out\n  wsireg register he.svs ihc.svs -o out/"
+    "\n  wsireg VERB --help",
+)
 @click.version_option(__version__, prog_name="wsireg")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No progress (bars on a terminal, log lines elsewhere).",
+)
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def cli(quiet: bool, debug: bool) -> None:
     """Register whole-slide histology images out of core and write OME-Zarr."""
@@ -89,8 +99,13 @@ def quiet_option(function):  # type: ignore[no-untyped-def]
         expose_value=False,
         is_eager=True,
         callback=_quiet,
-        help="No progress bars.",
+        help="No progress (bars on a terminal, log lines elsewhere).",
     )(function)
+
+
+def examples(*lines: str) -> str:
+    """A verb's ``--help`` epilog: ``Examples:`` and ``lines`` as typed (not rewrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def main() -> None:

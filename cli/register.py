@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .main import cli, quiet_option
+from .main import cli, examples, quiet_option
 from .options import (
     BLOCK,
     PATCH_MULTIPLE,
@@ -130,7 +130,14 @@ def options_from_cli(values: dict) -> RegisterOptions:
     )
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg register he.svs ihc.svs -o out/            # SOURCE (moving), TARGET (fixed)",
+        "wsireg register he.svs ihc.svs -o out/ --level 0 --device cuda",
+        "wsireg register he.svs ihc.svs -o out/ --weights none --no-warp",
+        "wsireg -q register he.svs ihc.svs -o out/ 2> register.log",
+    )
+)
 @quiet_option
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(path_type=Path))
@@ -164,7 +171,7 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
     **values,
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
-    from wsireg.run.register import quality_warning
+    from wsireg.run.register import quality_warning, summary_lines
     from wsireg.run.register import register as run
 
     check_output_place(out, [source, target])
@@ -172,16 +179,13 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
     result = run(source, target, out, options, resume=resume, overwrite=overwrite, strict=strict)
     quality = result.report["quality"]
     if not quality["plausible"]:
-        click.echo(f"wsireg: warning: {out}: {quality_warning(quality)}", err=True)
-    sim = result.report.get("similarity", {})
-    click.echo(
-        f"{out}: similarity before {sim.get('before', float('nan')):.3f}, affine "
-        f"{sim.get('affine', float('nan')):.3f}, final {sim.get('final', float('nan')):.3f}; "
-        f"{result.report['timings_s']['total_s']:.1f} s"
-    )
+        click.echo(f"wsireg: warning: {result.out}: {quality_warning(quality)}", err=True)
+    click.echo("\n".join(summary_lines(result)))
 
 
-@cli.command()
+@cli.command(
+    epilog=examples("wsireg demo demo-out", "wsireg demo demo-out --size 2048 --overwrite")
+)
 @quiet_option
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
@@ -203,7 +207,12 @@ def demo(out: Path, size: int, seed: int, overwrite: bool) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg deform he.svs -o he-deformed.ome.tif --rotation 30",
+        "wsireg register he-deformed.ome.tif he.svs -o out/",
+    )
+)
 @quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option(

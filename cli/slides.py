@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from .main import cli, quiet_option
+from .main import cli, examples, quiet_option
 from .options import MAX_CHUNK, MIN_CHUNK, Multiple, check_output_place
 
 
-@cli.command()
+@cli.command(epilog=examples("wsireg info he.svs", "wsireg info he.svs --json > he.json"))
 @quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
@@ -46,7 +46,11 @@ def info(slide: Path, as_json: bool) -> None:
         click.echo("  associated images: none")
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg convert he.svs he.ome.zarr", "wsireg convert he.svs he.ome.tif --level 1"
+    )
+)
 @quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

@@ -7,16 +7,25 @@ do not pay for importing torch, dask and zarr.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .main import cli, quiet_option
+from .main import cli, examples, quiet_option
 from .options import MAX_CHUNK, MIN_CHUNK, FiniteFloat, check_output_place
+
+if TYPE_CHECKING:  # annotations only: importing it loads zarr
+    from wsireg.engine.transform import Direction
 
 TRANSFORM = click.Path(path_type=Path)
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "wsireg warp out/ he.svs -o he-warped.ome.zarr",
+        "wsireg warp out/transform mask.tif -o mask.ome.tif --interpolation nearest",
+    )
+)
 @quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("source", type=click.Path(path_type=Path))
@@ -118,12 +127,19 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
     click.echo(str(out))
 
 
-def _direction(inverse: bool) -> str:
+def _direction(inverse: bool) -> Direction:
     # Default: points of the source slide go to the target, as `wsireg warp` moves pixels.
     return "target_to_source" if inverse else "source_to_target"
 
 
-@cli.command("warp-points")
+@cli.command(
+    "warp-points",
+    epilog=examples(
+        "wsireg warp-points out/ he-landmarks.csv -o in-target.csv    # source -> target",
+        "wsireg warp-points out/ ihc-landmarks.csv -o in-source.csv --inverse",
+        'Python: Transform.map_points(points, "source_to_target") / "target_to_source"',
+    ),
+)
 @quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("points", type=click.Path(path_type=Path))
@@ -141,14 +157,20 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
 
     check_output_place(out, [transform, points])
     loaded = Transform.load(transform)
-    mapped, residual = loaded.map_points(read_landmarks(points), _direction(inverse))
+    mapped, residual = loaded.map_points_with_residual(read_landmarks(points), _direction(inverse))
     write_landmarks(out, mapped, overwrite=overwrite)
     if len(residual) and residual.max() > 0.05:
         click.echo(f"warning: inverse residual up to {residual.max():.3g} px", err=True)
     click.echo(str(out))
 
 
-@cli.command("warp-geojson")
+@cli.command(
+    "warp-geojson",
+    epilog=examples(
+        "wsireg warp-geojson out/ he-annotations.geojson -o in-target.geojson",
+        "wsireg warp-geojson out/ ihc.geojson -o in-source.geojson --inverse",
+    ),
+)
 @quiet_option
 @click.argument("transform", type=TRANSFORM)
 @click.argument("annotations", type=click.Path(path_type=Path))
@@ -200,7 +222,7 @@ def warp_geojson(
     height, width = (loaded.target if inverse else loaded.source).shape
 
     def mapper(xy):  # type: ignore[no-untyped-def]
-        return loaded.map_points(xy, _direction(inverse))[0]
+        return loaded.map_points(xy, _direction(inverse))
 
     mapped = map_geojson(
         document,

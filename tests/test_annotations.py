@@ -61,7 +61,7 @@ def test_landmark_and_geojson_files_are_staged_and_not_overwritten(tmp_path: Pat
 def test_warp_points_cli_both_ways(saved_transform, tmp_path: Path, run_cli) -> None:
     T, tdir = saved_transform
     target_pts = np.random.default_rng(5).uniform([100, 100], [3900, 2900], (60, 2))
-    source_pts, _ = T.map_points(target_pts, "target_to_source")
+    source_pts = T.map_points(target_pts, "target_to_source")
     write_landmarks(tmp_path / "source.csv", source_pts)
     # default: source-slide points -> target-slide points (what rTRE evaluates)
     result = run_cli("warp-points", tdir, tmp_path / "source.csv", "-o", tmp_path / "t.csv")
@@ -80,6 +80,24 @@ def test_warp_points_cli_both_ways(saved_transform, tmp_path: Path, run_cli) -> 
     result = run_cli("warp-points", tdir, tmp_path / "missing.csv", "-o", tmp_path / "m.csv")
     assert result.exit_code == 1 and "missing.csv" in result.stderr
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_cli_and_api_use_the_same_direction_words(saved_transform, tmp_path: Path, run_cli):
+    # a point mapped by `warp-points` is the API's "source_to_target"; `--inverse` its
+    # "target_to_source": porting a CLI workflow to Python keeps the direction
+    T, tdir = saved_transform
+    pts = np.array([[1234.5, 987.25], [2500.0, 1500.0]])
+    write_landmarks(tmp_path / "p.csv", pts)
+    for flags, direction in (((), "source_to_target"), (("--inverse",), "target_to_source")):
+        out = tmp_path / f"{direction}.csv"
+        result = run_cli("warp-points", tdir, tmp_path / "p.csv", "-o", out, *flags)
+        assert result.exit_code == 0, result.output
+        expected = T.map_points(pts, direction)
+        np.testing.assert_allclose(read_landmarks(out), expected, atol=1e-3)  # CSV: 3 decimals
+    # map_points returns the points only; the residual of T^-1 on request
+    mapped, residual = T.map_points_with_residual(pts, "source_to_target")
+    np.testing.assert_array_equal(mapped, T.map_points(pts, "source_to_target"))
+    assert residual.shape == (2,) and residual.max() < 0.05
 
 
 def qupath_export() -> list[dict]:
@@ -136,7 +154,7 @@ def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run
     assert len(line) > 2
     # Each mapped vertex is where the inverse transform puts it (QuPath corner convention).
     point = np.array(features[3]["geometry"]["coordinates"])
-    expected, _ = T.map_points(np.array([[321.0, 654.0]]), "source_to_target")
+    expected = T.map_points(np.array([[321.0, 654.0]]), "source_to_target")
     np.testing.assert_allclose(point, expected[0] + 0.5, atol=1e-6)
     # Mapping back with --inverse returns to the original vertices (up to densification).
     result = run_cli(
@@ -182,4 +200,4 @@ def test_bad_geojson(tmp_path: Path, saved_transform, run_cli) -> None:
 def test_identity_transform_keeps_points() -> None:
     pts = np.array([[5.0, 6.0]])
     identity = Transform.identity(TARGET, SOURCE)
-    assert identity.map_points(pts, "source_to_target")[0] == pytest.approx(pts)
+    assert identity.map_points(pts, "source_to_target") == pytest.approx(pts)

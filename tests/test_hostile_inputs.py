@@ -28,6 +28,7 @@ from wsireg.errors import OutputError, TransformError
 from wsireg.io.annotations import MAX_VERTICES, write_landmarks
 from wsireg.io.output import output_lock, partial_path
 from wsireg.io.slide import open_slide
+from wsireg.progress import LOG_LINE
 from wsireg.run.batch import batch
 from wsireg.run.register import register
 from wsireg.synthetic.slides import synthetic_pair, write_synthetic_slide
@@ -91,9 +92,11 @@ def files(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> dict[st
 def one_line_error(result, *names: str) -> str:  # type: ignore[no-untyped-def]
     """The CLI failed with one line on stderr naming each of ``names`` and no traceback."""
     assert result.exit_code not in (0, None), result.output
-    # what a terminal shows: a progress bar is redrawn after "\r" and cleared at the end
-    shown = (line.rsplit("\r", 1)[-1] for line in result.stderr.split("\n"))
-    lines = [line for line in shown if line.strip()]
+    # stderr is no terminal here: progress is log lines (LOG_LINE), never a "\r"
+    assert "\r" not in result.stderr
+    lines = [
+        line for line in result.stderr.split("\n") if line.strip() and not LOG_LINE.match(line)
+    ]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     for name in names:

@@ -65,7 +65,7 @@ class KidneyPair:
         assert scale == pytest.approx(target_factor / source_factor)
         moved = np.asarray(from_level0(self.source_points, source_factor))
         expected = np.asarray(from_level0(self.target_points, target_factor))
-        mapped, _ = result.transform.map_points(moved, "source_to_target")
+        mapped = result.transform.map_points(moved, "source_to_target")
         diagonal = float(np.hypot(*result.report["target"]["size"]))
         return float(np.median(rtre(mapped, expected, diagonal)))
 

@@ -49,8 +49,30 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def landmark_error(transform, pair: dict) -> np.ndarray:
-    mapped, _ = transform.map_points(pair["target_pts"], "target_to_source")
+    mapped = transform.map_points(pair["target_pts"], "target_to_source")
     return np.linalg.norm(mapped - pair["source_pts"], axis=1)
+
+
+def check_named_report(report: dict, out: Path, pair: dict) -> None:
+    """report.json names what it holds: one similarity (the quality gate's measure) before /
+    after the affine / final, described; pyramid steps, not slide levels; absolute paths."""
+    similarity = report["similarity"]
+    assert set(similarity["stages"]) == {"before", "affine", "final"}
+    assert "local NCC" in similarity["measure"] and "higher is better" in similarity["description"]
+    assert similarity["thumbnail_downsample"] > 0
+    assert all(-1 <= similarity[name] <= 1 for name in ("before", "affine", "final"))
+    assert similarity["final"] == report["quality"]["similarity"]
+    text = json.dumps(report)
+    assert text.count("similarity_before") == 0 and "similarity_after" not in text
+    steps = report["pyramid"]
+    assert [step["pyramid_step"] for step in steps] == list(range(len(steps)))
+    assert all("level" not in step for step in steps)
+    downsamples = [step["downsample"] for step in steps]
+    assert downsamples == sorted(downsamples, reverse=True)  # step 0 is the coarsest
+    assert report["outputs"]["report"] == str((out / "report.json").resolve())
+    for path in [*report["outputs"].values(), report["source"]["path"], report["target"]["path"]]:
+        assert path is None or Path(path).is_absolute(), path
+    assert report["source"]["path"] == str(Path(pair["source"]).resolve())
 
 
 def test_register_recovers_a_rotated_deformed_pair(pair: dict, tmp_path: Path) -> None:
@@ -79,9 +101,11 @@ def test_register_recovers_a_rotated_deformed_pair(pair: dict, tmp_path: Path) -
         "device",
         "similarity",
         "alignment",
-        "levels",
+        "pyramid",
+        "outputs",
     ):
         assert key in report
+    check_named_report(report, out, pair)
     assert report["similarity"]["final"] > report["similarity"]["before"]
     assert report["similarity"]["final"] >= report["similarity"]["affine"] - 0.01
     assert (
@@ -110,7 +134,7 @@ def test_networks_then_refinement_below_an_extra_coarse_level(pair: dict, tmp_pa
     assert report["weights"]["sha256"] == verify_checksum(default_weights_path())
     assert report["parameters"]["refine"]["steps"] == 40
     assert report["parameters"]["flips"] == 2  # the default for the shipped model
-    levels = report["levels"]
+    levels = report["pyramid"]
     assert len(levels) == 4
     assert levels[0]["patches"] == 0 and levels[0]["refine_s"] > 0  # no network that coarse
     assert all(level["patches"] > 0 and level["refine_s"] > 0 for level in levels[1:])
@@ -124,7 +148,7 @@ def test_shipped_networks_alone_register_through_the_scheduler(pair: dict, tmp_p
     result = register(pair["source"], pair["target"], out, weights="default", write_warped=False)
     report = json.loads((out / "report.json").read_text())
     assert report["parameters"]["refine"]["steps"] == 0  # the networks alone
-    levels = report["levels"]
+    levels = report["pyramid"]
     assert len(levels) == 3 and all(level["patches"] > 0 for level in levels)
     assert all(level["refine_s"] == 0 for level in levels)
     assert sum(level["background_patches"] for level in levels) > 0  # glass is skipped
@@ -143,7 +167,7 @@ def test_grey_glass_is_made_white_before_the_networks(shared_data: Path, tmp_pat
     )  # fmt: skip
     glass = result.report["alignment"]["glass"]
     assert max(glass["source"]) < 230 and min(glass["target"]) > 245
-    moved, _ = result.transform.map_points(read_landmarks(lobes / "4-cc10.csv"), "source_to_target")
+    moved = result.transform.map_points(read_landmarks(lobes / "4-cc10.csv"), "source_to_target")
     target = read_landmarks(lobes / "1-he.csv")
     rtre = np.linalg.norm(moved - target, axis=1) / np.hypot(400, 800)
     assert np.median(rtre) < 0.004, np.median(rtre)
@@ -152,7 +176,7 @@ def test_grey_glass_is_made_white_before_the_networks(shared_data: Path, tmp_pat
 def test_identical_slides_give_identity(pair: dict, tmp_path: Path) -> None:
     result = register(pair["source"], pair["source"], tmp_path / "same", **FAST)
     pts = pair["target_pts"]
-    mapped, _ = result.transform.map_points(pts, "target_to_source")
+    mapped = result.transform.map_points(pts, "target_to_source")
     assert np.abs(mapped - pts).max() < 0.5
 
 

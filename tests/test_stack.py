@@ -69,7 +69,7 @@ def error_px(transform: Transform, sections: dict, index: int) -> np.ndarray:
     """|D_i(T(x)) - D_ref(x)|: where T sends reference points in section i, against the truth
     (texture coordinates, about reference pixels)."""
     points, maps = sections["points"], sections["maps"]
-    mapped, _ = transform.map_points(points, "target_to_source")
+    mapped = transform.map_points(points, "target_to_source")
     return np.linalg.norm(maps[index](mapped) - maps[REFERENCE](points), axis=1)
 
 

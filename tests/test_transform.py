@@ -48,13 +48,13 @@ def field_transform(downsample: float = 16.0, affine: np.ndarray | None = None) 
 
 def test_identity_and_affine_points() -> None:
     pts = np.array([[0.0, 0.0], [10.5, 20.25], [3999.0, 2999.0]])
-    mapped, residual = Transform.identity(TARGET).map_points(pts, "target_to_source")
+    mapped, residual = Transform.identity(TARGET).map_points_with_residual(pts, "target_to_source")
     np.testing.assert_array_equal(mapped, pts)
     A = rotation(33, (2000, 1500), (40, -25))
     T = Transform.from_affine(A, TARGET, SOURCE)
-    fwd, _ = T.map_points(pts, "target_to_source")
+    fwd = T.map_points(pts, "target_to_source")
     np.testing.assert_allclose(fwd, pts @ A[:2, :2].T + A[:2, 2])
-    back, residual = T.map_points(fwd, "source_to_target")
+    back, residual = T.map_points_with_residual(fwd, "source_to_target")
     np.testing.assert_allclose(back, pts, atol=1e-9)
     assert residual.max() < 1e-9
 
@@ -62,8 +62,15 @@ def test_identity_and_affine_points() -> None:
 def test_directions_are_named_by_where_points_start_and_end() -> None:
     T = Transform.from_affine(rotation(33, (2000, 1500), (40, -25)), TARGET, SOURCE)
     pts = np.array([[10.0, 20.0]])
+    # the retired words are refused (never mapped silently), naming the new ones
+    for retired in ("forward", "inverse"):
+        with pytest.raises(ValueError, match="target_to_source.*source_to_target"):
+            T.map_points(pts, retired)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="no longer accepted"):
+            T.map_points_with_residual(pts, retired)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="target_to_source"):
-        T.map_points(pts, "forward")  # type: ignore[arg-type]
+        T.map_points(pts, "source-to-target")  # type: ignore[arg-type]
+    assert isinstance(T.map_points(pts, "target_to_source"), np.ndarray)
     np.testing.assert_array_equal(T.initial_affine, rotation(33, (2000, 1500), (40, -25)))
 
 
@@ -78,7 +85,7 @@ def test_write_document_keeps_fields_in_place(tmp_path: Path) -> None:
     loaded = Transform.load(directory)
     pts = np.random.default_rng(5).uniform(0, 2900, (50, 2))
     np.testing.assert_array_equal(
-        loaded.map_points(pts, "target_to_source")[0], T.map_points(pts, "target_to_source")[0]
+        loaded.map_points(pts, "target_to_source"), T.map_points(pts, "target_to_source")
     )
     elsewhere = field_transform()  # an in-memory field is not in the directory
     with pytest.raises(ValueError, match="field"):
@@ -93,7 +100,7 @@ def test_field_values_follow_the_analytic_field() -> None:
     u = 12 * np.sin(2 * np.pi * pts[:, 0] / 1500) * np.cos(2 * np.pi * pts[:, 1] / 1900)
     v = 8.4 * np.cos(2 * np.pi * pts[:, 0] / 1700 + 0.3) * np.sin(2 * np.pi * pts[:, 1] / 1300)
     analytic += np.stack([u, v], 1)
-    mapped, _ = T.map_points(pts, "target_to_source")
+    mapped = T.map_points(pts, "target_to_source")
     # bilinear between nodes 8 px apart of a field with wavelength >= 1300 px
     assert np.abs(mapped - analytic).max() < 0.02
 
@@ -103,8 +110,8 @@ def test_inverse_round_trip_is_below_005_px(affine: np.ndarray | None) -> None:
     T = field_transform(downsample=16, affine=affine)
     rng = np.random.default_rng(2)
     target_pts = rng.uniform([50, 50], [3950, 2950], (1000, 2))
-    source_pts, _ = T.map_points(target_pts, "target_to_source")
-    back, residual = T.map_points(source_pts, "source_to_target")
+    source_pts = T.map_points(target_pts, "target_to_source")
+    back, residual = T.map_points_with_residual(source_pts, "source_to_target")
     assert np.linalg.norm(back - target_pts, axis=1).max() < 0.05
     assert residual.max() < 0.05
 
@@ -115,13 +122,13 @@ def test_block_displacement_matches_points() -> None:
     coords = T.source_coordinates(1000, 2000, 64, 96, downsample=1.0)
     yy, xx = np.mgrid[1000:1064, 2000:2096]
     pts = np.stack([xx.ravel(), yy.ravel()], 1).astype(float)
-    mapped, _ = T.map_points(pts, "target_to_source")
+    mapped = T.map_points(pts, "target_to_source")
     # remap's 1/32-node weight quantisation on a field varying < 1 px per node
     assert np.abs(coords.reshape(-1, 2) - mapped).max() < 0.05
     coarse = T.source_coordinates(10, 20, 16, 16, downsample=4.0)
     yy, xx = np.mgrid[10:26, 20:36]
     pts4 = np.stack([to_level0(xx, 4.0).ravel(), to_level0(yy, 4.0).ravel()], 1)
-    assert np.abs(coarse.reshape(-1, 2) - T.map_points(pts4, "target_to_source")[0]).max() < 0.05
+    assert np.abs(coarse.reshape(-1, 2) - T.map_points(pts4, "target_to_source")).max() < 0.05
 
 
 def test_chain_equals_sequential_mapping() -> None:
@@ -132,12 +139,12 @@ def test_chain_equals_sequential_mapping() -> None:
     chain = first.then(second)
     assert chain.target == TARGET and chain.source == SOURCE
     pts = np.random.default_rng(3).uniform([100, 100], [3900, 2900], (200, 2))
-    halfway, _ = first.map_points(pts, "target_to_source")
-    expected, _ = second.map_points(halfway, "target_to_source")
-    np.testing.assert_allclose(chain.map_points(pts, "target_to_source")[0], expected)
-    back, residual = chain.map_points(expected, "source_to_target")
+    halfway = first.map_points(pts, "target_to_source")
+    expected = second.map_points(halfway, "target_to_source")
+    np.testing.assert_allclose(chain.map_points(pts, "target_to_source"), expected)
+    back, residual = chain.map_points_with_residual(expected, "source_to_target")
     assert np.abs(back - pts).max() < 0.05 and residual.max() < 0.05
-    composed, _ = Transform.compose([first, second]).map_points(pts, "target_to_source")
+    composed = Transform.compose([first, second]).map_points(pts, "target_to_source")
     assert composed == pytest.approx(expected)
 
 
@@ -153,8 +160,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded.stages[0].field, zarr.Array)
     pts = np.random.default_rng(4).uniform(0, 2900, (100, 2))
     np.testing.assert_allclose(
-        loaded.map_points(pts, "target_to_source")[0],
-        T.map_points(pts, "target_to_source")[0],
+        loaded.map_points(pts, "target_to_source"),
+        T.map_points(pts, "target_to_source"),
         atol=1e-4,
     )
     with pytest.raises(Exception, match="exists"):
@@ -165,8 +172,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     loaded_chain = Transform.load(chain.save(tmp_path / "chain"))
     assert len(loaded_chain.stages) == 2 and loaded_chain.stages[1].field is None
     np.testing.assert_allclose(
-        loaded_chain.map_points(pts, "target_to_source")[0],
-        chain.map_points(pts, "target_to_source")[0],
+        loaded_chain.map_points(pts, "target_to_source"),
+        chain.map_points(pts, "target_to_source"),
         atol=1e-4,
     )
 
@@ -200,6 +207,6 @@ def test_coarse_output_reads_a_strided_field() -> None:
     coarse = T.source_coordinates(0, 0, 47, 62, downsample=64.0)
     yy, xx = np.mgrid[0:47, 0:62]
     pts = np.stack([to_level0(xx, 64.0).ravel(), to_level0(yy, 64.0).ravel()], 1)
-    exact, _ = T.map_points(pts, "target_to_source")
+    exact = T.map_points(pts, "target_to_source")
     inside = (pts[:, 0] < 3990) & (pts[:, 1] < 2990)
     assert np.abs(coarse.reshape(-1, 2) - exact)[inside].max() < 0.5

@@ -120,8 +120,12 @@ class FieldStore:
 
 @dataclass
 class LevelReport:
-    level: int
+    """What one step of the estimation pyramid did (``report.json``'s ``pyramid``)."""
+
+    pyramid_step: int
+    """Index of the step, 0 = the coarsest (not a slide level)."""
     downsample: float
+    """Target level-0 pixels per pixel of the step's grid."""
     shape: tuple[int, int]
     blocks: int = 0
     skipped: int = 0

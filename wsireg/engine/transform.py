@@ -49,9 +49,31 @@ POINT_WINDOW_BYTES = 64 << 20
 
 #: A displacement field ``(2, H_d, W_d)``: on disk (zarr) or in memory.
 FieldArray = zarr.Array | np.ndarray
-#: Which way :meth:`Transform.map_points` maps: ``T`` or ``T^-1``.
+#: Which way :meth:`Transform.map_points` maps, named by where the points start and end:
+#: ``"target_to_source"`` is ``T``, ``"source_to_target"`` is ``T^-1`` (what ``wsireg
+#: warp-points`` does without ``--inverse``). The same words in the API and the CLI.
 Direction = Literal["target_to_source", "source_to_target"]
 DIRECTIONS: tuple[Direction, ...] = ("target_to_source", "source_to_target")
+#: Direction words of earlier versions, refused (their meaning differed between API and CLI).
+RETIRED_DIRECTIONS = {"forward": "target_to_source", "inverse": "source_to_target"}
+
+
+def check_direction(direction: str) -> Direction:
+    """``direction`` if it is one of :data:`DIRECTIONS`, else a ``ValueError`` naming them
+    (a retired word such as ``"forward"`` is never mapped silently: its error says which new
+    word it meant in ``Transform.map_points``)."""
+    if direction in DIRECTIONS:
+        return direction  # type: ignore[return-value]
+    if direction in RETIRED_DIRECTIONS:
+        raise ValueError(
+            f"direction {direction!r} is no longer accepted: use 'target_to_source' (T: target "
+            "points into the source) or 'source_to_target' (T^-1: source points into the "
+            "target, what `wsireg warp-points` does without --inverse); "
+            f"{direction!r} used to mean {RETIRED_DIRECTIONS[direction]!r} here"
+        )
+    raise ValueError(
+        f"direction must be 'target_to_source' or 'source_to_target', not {direction!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -397,25 +419,39 @@ class Transform:
         direction: Direction,
         iterations: int = 100,
         tol: float = 1e-4,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Map level-0 points ``(N, 2)`` ``(x, y)``; returns ``(mapped, residual)``.
-
-        ``"target_to_source"``: ``T(x)``, exact (residual 0). ``"source_to_target"``:
-        ``T^-1(p)``, solved stage by stage (last stage first, :meth:`Stage.source_to_target`);
-        ``residual`` is ``|T(x) - p|`` in source level-0 pixels.
+    ) -> np.ndarray:
+        """Level-0 points ``(N, 2)`` ``(x, y)`` mapped ``direction`` (:data:`DIRECTIONS`):
+        ``"target_to_source"``: ``T(x)``, exact; ``"source_to_target"``: ``T^-1(p)``, solved
+        stage by stage (last stage first, :meth:`Stage.source_to_target`; ``iterations`` and
+        ``tol`` in level-0 pixels bound its fixed-point iteration). Returns ``(N, 2)`` float64;
+        :meth:`map_points_with_residual` also says how exact ``T^-1`` came out.
+        Any other direction (also the retired ``"forward"`` / ``"inverse"``) is a ``ValueError``.
         """
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        if direction == "target_to_source":
+        if check_direction(direction) == "target_to_source":
             for stage in self.stages:
                 points = stage.target_to_source(points)
-            return points, np.zeros(len(points))
-        if direction != "source_to_target":
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-        original = points
+            return points
         for stage in reversed(self.stages):
             points, _ = stage.source_to_target(points, iterations, tol)
-        forward, _ = self.map_points(points, "target_to_source")
-        return points, np.linalg.norm(forward - original, axis=1)
+        return points
+
+    def map_points_with_residual(
+        self,
+        points: np.ndarray,
+        direction: Direction,
+        iterations: int = 100,
+        tol: float = 1e-4,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`map_points` and its residual ``(N,)``: for ``"source_to_target"``
+        ``|T(mapped) - points|`` in source level-0 pixels (how far the inversion is from
+        exact; one more pass of ``T``), zeros for ``"target_to_source"`` (exact)."""
+        mapped = self.map_points(points, direction, iterations, tol)
+        if direction == "target_to_source":
+            return mapped, np.zeros(len(mapped))
+        original = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        forward = self.map_points(mapped, "target_to_source")
+        return mapped, np.linalg.norm(forward - original, axis=1)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the mapping is made of, as JSON: the slides' identities and, per stage, the

@@ -223,7 +223,7 @@ def write_level0(group: zarr.Group, image: da.Array | np.ndarray) -> None:
             f"{(h, w, c)} {target.dtype}"
         )
     source = _aligned(image, target.chunks[1], target.chunks[2]).transpose(2, 0, 1)
-    with _threads(), dask_progress("level 0"):
+    with _threads(), dask_progress("OME-Zarr level 0"):
         da.store(source, target, lock=False, compute=True)
 
 
@@ -248,7 +248,7 @@ def fill_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
         smaller = downsample2(source, downsample_method, axes=(1, 2))
         if smaller.shape != target.shape:
             raise ValueError(f"level {k} is {target.shape}, expected {smaller.shape}")
-        with _threads(), dask_progress(f"level {k}"):
+        with _threads(), dask_progress(f"OME-Zarr level {k}"):
             da.store(smaller, target, lock=False, compute=True)
 
 

@@ -1,4 +1,4 @@
-"""Quality-control pictures and similarity of a registration, at a viewable size.
+"""Quality-control pictures and tissue overlap of a registration, at a viewable size.
 
 Pictures are ``(H, W, 3)`` uint8 RGB on the target grid at a thumbnail downsample:
 
@@ -6,9 +6,10 @@ Pictures are ``(H, W, 3)`` uint8 RGB on the target grid at a thumbnail downsampl
 * overlay: the target's stain amount in magenta, the warped source's in green (where they
   coincide the tissue is grey/white-ish; misalignment shows as coloured fringes).
 
-Similarity is the NCC of the two images' optical-density magnitude inside the union of their
-tissue (higher is better, in [-1, 1]), the measure reported before and after registration;
-the tissue overlap is the Dice coefficient of their tissue masks (:func:`tissue_overlap`).
+The tissue overlap is the Dice coefficient of their tissue masks (:func:`tissue_overlap`). The
+similarity a registration reports is the alignment's local NCC
+(:func:`wsireg.engine.align.similarity_on_grid`, computed on these pictures by
+:mod:`wsireg.run.register`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsireg.core.stain import TISSUE_OD, od_magnitude_rgb, tissue_mask
+from wsireg.core.stain import od_magnitude_rgb, tissue_mask
 from wsireg.errors import WsiregError
 
 
@@ -43,17 +44,6 @@ def _normalised(values: np.ndarray) -> np.ndarray:
     return np.clip(values / hi, 0, 1)
 
 
-def similarity(target: np.ndarray, warped: np.ndarray) -> float:
-    """NCC of the OD magnitudes inside the union of the stained pixels of both images."""
-    t, s = od_magnitude_rgb(target), od_magnitude_rgb(warped)
-    mask = (t > TISSUE_OD) | (s > TISSUE_OD)
-    if mask.sum() < 16:
-        return float("nan")
-    a, b = t[mask] - t[mask].mean(), s[mask] - s[mask].mean()
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
-
-
 def tissue_overlap(target: np.ndarray, warped: np.ndarray) -> float:
     """Dice coefficient of the tissue masks (:func:`wsireg.core.stain.tissue_mask`) of the
     two images, in [0, 1]; 0 when either has no tissue."""
@@ -72,17 +62,13 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def write_qc(
-    directory: str | Path, target: np.ndarray, stages: dict[str, np.ndarray]
-) -> dict[str, float]:
+def write_qc(directory: str | Path, target: np.ndarray, stages: dict[str, np.ndarray]) -> Path:
     """Write ``checkerboard-<stage>.png`` and ``overlay-<stage>.png`` for each warped source
-    of ``stages`` (e.g. before / affine / final) plus ``target.png``; return similarities."""
+    of ``stages`` (e.g. before / affine / final) plus ``target.png``; returns ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_png(directory / "target.png", target)
-    scores = {}
     for name, warped in stages.items():
         save_png(directory / f"checkerboard-{name}.png", checkerboard(target, warped))
         save_png(directory / f"overlay-{name}.png", overlay(target, warped))
-        scores[name] = similarity(target, warped)
-    return scores
+    return directory

@@ -25,11 +25,12 @@ MIN_SIZE = 512
 def run_demo(
     out: str | Path, *, size: int = 4096, seed: int = 7, overwrite: bool = False
 ) -> dict[str, Any]:
-    """Write the pair, register it and return the inputs, outputs, landmark errors (level-0
-    pixels) and the seconds per stage."""
+    """Write the pair, register it and return the inputs and outputs (absolute paths), the
+    landmark errors (level-0 pixels), the similarities of ``report.json`` and the seconds per
+    stage."""
     if size < MIN_SIZE:
         raise ValueError(f"the demo's slides need a side of at least {MIN_SIZE} px, not {size}")
-    out = Path(out)
+    out = Path(out).resolve()
     check_output(out, overwrite)
     remove(out)
     try:
@@ -66,7 +67,7 @@ def _run(out: Path, size: int, seed: int) -> dict[str, Any]:
     )
     result = register(source, target, out / "result")
     target_pts, source_pts = pair_landmarks(shape, seed, truth, n=300, texture_downsample=texture)
-    mapped, _ = result.transform.map_points(target_pts, "target_to_source")
+    mapped = result.transform.map_points(target_pts, "target_to_source")
     error = np.linalg.norm(mapped - source_pts, axis=1)
     initial = np.linalg.norm(target_pts - source_pts, axis=1)
     return {
@@ -82,6 +83,9 @@ def _run(out: Path, size: int, seed: int) -> dict[str, Any]:
             "after_mean": round(float(error.mean()), 2),
             "after_p90": round(float(np.percentile(error, 90)), 2),
             "after_max": round(float(error.max()), 2),
+        },
+        "similarity": {
+            k: result.report["similarity"][k] for k in ("measure", "before", "affine", "final")
         },
         "seconds": result.report["timings_s"],
     }

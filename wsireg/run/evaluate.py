@@ -200,7 +200,7 @@ def landmark_metrics(transform: Transform, marks: Landmarks) -> dict[str, Any]:
     docstring): rTRE, that of its affine stage alone, robustness, and TRE in micrometres where
     the target's mpp is known."""
     mpp = transform.target.mpp
-    mapped, residual = transform.map_points(marks.source, "source_to_target")
+    mapped, residual = transform.map_points_with_residual(marks.source, "source_to_target")
     errors = rtre(mapped, marks.target, marks.diagonal)
     before = rtre(marks.source, marks.target, marks.diagonal)
     metrics: dict[str, Any] = dict.fromkeys(METRICS)
@@ -216,7 +216,7 @@ def landmark_metrics(transform: Transform, marks: Landmarks) -> dict[str, Any]:
         )
     if len(errors):
         alone = Transform.from_affine(transform.initial_affine, transform.target, transform.source)
-        affine_mapped, _ = alone.map_points(marks.source, "source_to_target")
+        affine_mapped = alone.map_points(marks.source, "source_to_target")
         metrics["affine_median_rtre"] = float(
             np.median(rtre(affine_mapped, marks.target, marks.diagonal))
         )

@@ -6,7 +6,9 @@ slide and writes, in the directory ``out``::
     transform/          the transform (wsireg.engine.transform format): T(x) = A (x + u(x))
     warped.ome.zarr     the source warped into target space (level ``warp_level``), a pyramid
     qc/                 target.png, checkerboard-*.png and overlay-*.png before / affine / final
-    report.json         inputs, parameters, timings per stage, peak RSS, device, similarity
+    report.json         inputs, outputs, parameters, timings per stage, peak RSS, device, the
+                        similarity before / after the affine / final (:func:`similarity_report`),
+                        the pyramid steps of the estimation (:func:`pyramid_report`)
 
 Stages (:func:`register`, one call each): the options are checked against the slides and
 resolved (:mod:`wsireg.run.settings`); (1) thumbnails at equal physical resolution (mpp) and
@@ -41,7 +43,7 @@ import numpy as np
 from wsireg import __version__
 from wsireg.core.coords import grid_to_level0_affine
 from wsireg.core.stain import background_rgb
-from wsireg.engine.align import align, similarity_on_grid
+from wsireg.engine.align import AlignConfig, align, similarity_on_grid
 from wsireg.engine.options import no_overrides_left, take_overrides
 from wsireg.engine.parallel import Execution, peak_rss_mib
 from wsireg.engine.scheduler import FieldStore, LevelReport, SlidePair, estimate_field
@@ -59,7 +61,7 @@ from wsireg.model.network import (
     resolve_device,
     sha256_file,
 )
-from wsireg.progress import progress
+from wsireg.progress import progress, stage_progress
 from wsireg.run.settings import (
     RegisterOptions,
     RegistrationSettings,
@@ -80,7 +82,7 @@ TRANSFORM, WARPED, QC, REPORT = "transform", "warped.ome.zarr", "qc", "report.js
 
 @dataclass
 class Result:
-    """What :func:`register` produced."""
+    """What :func:`register` produced: ``out`` and ``warped`` are absolute paths."""
 
     out: Path
     transform: Transform
@@ -125,7 +127,7 @@ def register(
         work.mkdir(parents=True, exist_ok=True)
         slides = _slide_pair(source_slide, target_slide, work)
         settings = resolve_settings(options, slides.target_ref, model, weights, device)
-        with timings.measure("align_s"):
+        with timings.measure("align_s"), stage_progress("alignment"):
             alignment = _align(slides, work, resume)
         with timings.measure("nonrigid_s"):
             on_glass = alignment.slides_on_glass(slides)
@@ -136,10 +138,11 @@ def register(
         if settings.warp_level is not None:
             with timings.measure("warp_s"):
                 _warp(transform, source_slide, stage / WARPED, options, resume)
-        with timings.measure("qc_s"):
+        with timings.measure("qc_s"), stage_progress("quality control"):
             similarity, quality = _quality_control(stage / QC, slides, alignment, transform)
         timings.finish()
         report = _report(source_slide, target_slide, settings, alignment, levels, similarity)
+        report["outputs"] = output_paths(out, settings.warp_level is not None)
         report["quality"] = quality
         if strict and not report["quality"]["plausible"]:
             raise QualityError(out, quality_warning(report["quality"]))
@@ -149,8 +152,22 @@ def register(
         report["fingerprint"] = fingerprint
         (stage / REPORT).write_text(json.dumps(report, indent=2))
         remove(work)
+    out = out.resolve()
     warped = out / WARPED if settings.warp_level is not None else None
     return Result(out, Transform.load(out / TRANSFORM), warped, report)
+
+
+def output_paths(out: Path, warped: bool) -> dict[str, str | None]:
+    """Absolute paths of the parts of the register output ``out`` (``warped``: ``None``
+    when it is not written)."""
+    out = Path(out).resolve()
+    return {
+        "folder": str(out),
+        "transform": str(out / TRANSFORM),
+        "warped": str(out / WARPED) if warped else None,
+        "qc": str(out / QC),
+        "report": str(out / REPORT),
+    }
 
 
 class _Timings(dict[str, float]):
@@ -220,7 +237,7 @@ def weights_identity(options: RegisterOptions) -> dict[str, str] | None:
     path = (
         default_weights_path() if str(options.weights) == "default" else Path(str(options.weights))
     )
-    return {"path": str(path), "sha256": sha256_file(path)}
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
 
 
 #: Options that do not change what a registration computes (left out of its fingerprint).
@@ -313,11 +330,11 @@ def _align(slides: SlidePair, work: Path, resume: bool) -> _Alignment:
     d_s = d_t * scale  # equal physical pixel size (may upsample a coarser source)
     target_thumb = thumbnail(slides.target, slides.target_ref, d_t)
     cached = work / "align.json"
+    if resume and cached.is_file():
+        info = json.loads(cached.read_text())
+        return _Alignment(np.array(info["matrix"]), info, target_thumb, d_t)
     source_thumb = thumbnail(slides.source, slides.source_ref, d_s)
     glass = {"source": glass_colour(source_thumb), "target": glass_colour(target_thumb)}
-    if resume and cached.is_file():
-        info = {**json.loads(cached.read_text()), "glass": glass}
-        return _Alignment(np.array(info["matrix"]), info, target_thumb, d_t)
     result = align(
         source_thumb,
         target_thumb,
@@ -393,9 +410,10 @@ def _warp(
 
 def _quality_control(
     directory: Path, slides: SlidePair, alignment: _Alignment, transform: Transform
-) -> tuple[dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """QC pictures of the source before (the slides' top-left corners and pixel sizes
-    matched), after the affine, after everything; similarities."""
+    matched), after the affine, after everything; their similarities to the target
+    (:func:`similarity_report`) and the quality gate's verdict on the final one."""
     d = alignment.target_downsample
     h, w = alignment.target_thumbnail.shape[:2]
     t_ref, s_ref = slides.target_ref, slides.source_ref
@@ -406,11 +424,56 @@ def _quality_control(
         "final": transform,
     }
     warped = {name: warp_block(t, slides.source, (0, 0, h, w), d) for name, t in stages.items()}
-    similarity = write_qc(directory, alignment.target_thumbnail, warped)
-    target, final = alignment.target_thumbnail, warped["final"]
-    return similarity, quality_gate(
-        similarity_on_grid(target, final), tissue_overlap(target, final)
+    target = alignment.target_thumbnail
+    write_qc(directory, target, warped)
+    scores = {name: similarity_on_grid(target, image) for name, image in warped.items()}
+    similarity = similarity_report(scores, d)
+    return similarity, quality_gate(scores["final"], tissue_overlap(target, warped["final"]))
+
+
+#: What each entry of :func:`similarity_report` compares with the target.
+SIMILARITY_STAGES = {
+    "before": "the source unregistered (top-left corners and pixel sizes matched)",
+    "affine": "the source after the affine initial alignment",
+    "final": "the source through the whole transform (affine and nonrigid field)",
+}
+
+
+#: The name of the similarity that ``register`` reports (:func:`similarity_description`).
+SIMILARITY_MEASURE = "local NCC of the tissue's optical density on the QC thumbnails"
+
+
+def similarity_description() -> str:
+    """What the similarities of ``report.json`` measure, in words: the measure the alignment
+    maximises and the quality gate reads (:func:`wsireg.engine.align.similarity_on_grid`)."""
+    config = AlignConfig()
+    size = config.pyramid[-1]
+    window = max(3, 2 * round((config.window_fraction * size - 1) / 2) + 1)
+    return (
+        f"local normalised cross-correlation ({window} px windows) of the optical-density "
+        f"magnitude ('{config.representation}' stain representation) of the target and the "
+        f"warped source, both resampled to {size} px across the target's tissue, averaged over "
+        "the tissue's bounding box (background counts 0). In [-1, 1], higher is better: "
+        "0.19-0.39 for the real section pairs of two stains in benchmarks/quality_gate.py, "
+        f"below 0.12 for unrelated tissues; the quality gate wants at least {MIN_SIMILARITY} "
+        "for the final one"
     )
+
+
+def similarity_report(scores: dict[str, float], thumbnail_downsample: float) -> dict[str, Any]:
+    """``report.json``'s ``similarity``: the local NCC of the target with the source
+    ``before`` registration, after the ``affine`` and ``final`` (:data:`SIMILARITY_STAGES`),
+    rounded to 4 digits, with what is measured (:func:`similarity_description`) and on what: the
+    QC thumbnails, the target's grid at ``thumbnail_downsample`` (target level-0 pixels per
+    pixel) with the source warped onto it, the images of ``qc/``."""
+    return {
+        "measure": SIMILARITY_MEASURE,
+        "description": similarity_description(),
+        "images": "the QC thumbnails (qc/target.png and the warped source of each stage)",
+        "thumbnail_downsample": thumbnail_downsample,
+        "stages": SIMILARITY_STAGES,
+        **{name: round(float(scores[name]), 4) for name in SIMILARITY_STAGES},
+    }
 
 
 class QualityError(WsiregError):
@@ -448,19 +511,35 @@ def quality_warning(quality: dict[str, Any]) -> str:
     return "registration implausible (different tissues?): " + "; ".join(quality["reasons"])
 
 
+#: Entries of the alignment's record left out of ``report.json``: its own similarities were
+#: measured on other crops and sizes than the report's one ``similarity`` (kept in the
+#: ``work/align.json`` cache only).
+ALIGNMENT_UNREPORTED = ("similarity_before", "similarity_after")
+
+
+def pyramid_report(levels: list[LevelReport]) -> list[dict[str, Any]]:
+    """``report.json``'s ``pyramid``: one entry per step of the field's estimation, coarsest
+    first: ``pyramid_step`` (0 = the coarsest), ``downsample`` (target level-0 pixels per
+    grid pixel) and ``shape`` of its grid, blocks, patches and seconds. A pyramid step is not
+    a slide level: ``level`` in wsireg's options and outputs always means a level of a slide
+    (``--level 0``: full resolution)."""
+    return [report.to_json() for report in levels]
+
+
 def _report(
     source: Slide,
     target: Slide,
     settings: RegistrationSettings,
     alignment: _Alignment,
     levels: list[LevelReport],
-    similarity: dict[str, float],
+    similarity: dict[str, Any],
 ) -> dict[str, Any]:
-    """``report.json`` but the timings, peak memory and host (added last)."""
+    """``report.json`` but the outputs, timings, peak memory and host (added last). Paths
+    are absolute."""
 
     def slide_info(slide: Slide) -> dict[str, Any]:
         return {
-            "path": str(slide.path),
+            "path": str(Path(slide.path).resolve()),
             "size": list(slide.level_shape(0)),
             "mpp": list(slide.mpp) if slide.mpp else None,
             "vendor": slide.vendor,
@@ -473,10 +552,28 @@ def _report(
         "parameters": settings.report_parameters(),
         "weights": settings.weights,
         "device": settings.device,
-        "alignment": alignment.info,
-        "levels": [r.to_json() for r in levels],
+        "alignment": {k: v for k, v in alignment.info.items() if k not in ALIGNMENT_UNREPORTED},
+        "pyramid": pyramid_report(levels),
         "similarity": similarity,
     }
 
 
-__all__ = ["RegisterOptions", "Result", "register", "WsiregError"]
+def summary_lines(result: Result) -> list[str]:
+    """What ``wsireg register`` prints at the end: the similarities, named, and where each
+    output is (absolute paths)."""
+    report = result.report
+    similarity = report["similarity"]
+    outputs = report["outputs"]
+    lines = [
+        f"registered in {report['timings_s']['total_s']:.1f} s: {outputs['folder']}",
+        f"similarity to the target ({similarity['measure']}; in [-1, 1], higher is better): "
+        f"before {similarity['before']:.3f}, after the affine {similarity['affine']:.3f}, "
+        f"final {similarity['final']:.3f}",
+    ]
+    for name in ("transform", "warped", "qc", "report"):
+        if outputs[name] is not None:
+            lines.append(f"{name + ':':11} {outputs[name]}")
+    return lines
+
+
+__all__ = ["RegisterOptions", "Result", "register", "summary_lines", "WsiregError"]
