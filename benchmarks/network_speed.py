@@ -8,7 +8,9 @@ model and inputs exist; on CUDA ``torch.cuda.max_memory_allocated``). Prints one
     python benchmarks/network_speed.py --patch 256 --group 16
 
 Numbers on shared machines are noisy: the median over ``--repeats`` groups is reported along
-with the best and worst, and the load average at the start.
+with the best and worst, and the load average at the start. ``--memory-format`` is the layout of
+the weights: ``channels_last`` (NHWC, how :meth:`~wsireg.model.network.MultiLevelModel.load`
+holds them for inference) or ``contiguous`` (NCHW, PyTorch's default).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from wsireg.engine.parallel import (
 )
 from wsireg.model.network import UNet, UNetConfig, num_parameters, resolve_device
 
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,13 +40,14 @@ def main() -> None:
         "--widths", type=str, default="16,32,64,128,256", help="encoder widths, comma separated"
     )
     parser.add_argument("--device", type=str, default="cpu", help="auto, cpu or cuda")
+    parser.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="channels_last")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     widths = tuple(int(w) for w in args.widths.split(","))
     config = UNetConfig(widths=widths, head_width=widths[0])
     torch.manual_seed(0)
-    net = UNet(config).to(device).eval()
+    net = UNet(config).to(device, memory_format=MEMORY_FORMATS[args.memory_format]).eval()
     moving = torch.rand(args.group, 1, args.patch, args.patch, device=device)
     fixed = torch.rand_like(moving)
 
@@ -73,6 +78,7 @@ def main() -> None:
         "patch": args.patch,
         "group": args.group,
         "widths": list(widths),
+        "memory_format": args.memory_format,
         "params": params,
         "weights_mb_fp32": round(params * 4 / 2**20, 2),
         "patches_per_s": round(args.group / statistics.median(times), 2),

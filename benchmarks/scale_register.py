@@ -107,7 +107,7 @@ def main() -> None:
         help="Finest field downsample instead of --level (e.g. 16).",
     )
     parser.add_argument("--refine", type=int, default=None)
-    parser.add_argument("--weights", default="none", help="none | default | PATH")
+    parser.add_argument("--weights", default="default", help="default (as register) | none | PATH")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsireg-scale"))
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument(

@@ -19,6 +19,8 @@ from wsireg.io.output import check_output_path
 BLOCK = 1024
 #: Chunk sides of outputs (px): smaller ones make millions of files, larger ones huge reads.
 MIN_CHUNK, MAX_CHUNK = 16, 16384
+#: OME-TIFF tile sides (px, multiples of 16), as :data:`wsireg.engine.warp.MIN_TILE`.
+MIN_TILE, MAX_TILE = 16, 4096
 #: Patch sides are multiples of this (the networks halve them four times or more).
 PATCH_MULTIPLE = 16
 

@@ -88,6 +88,14 @@ def register_options(function):  # type: ignore[no-untyped-def]
             "model's setting).",
         ),
         click.option(
+            "--precision",
+            type=click.Choice(["auto", "float32", "bfloat16"]),
+            default=None,
+            help="The networks' arithmetic: auto (bfloat16 where the CPU or GPU computes it "
+            "natively, else float32; the default), float32 (the same numbers on every "
+            "machine) or bfloat16.",
+        ),
+        click.option(
             "--device",
             type=click.Choice(["auto", "cpu", "cuda"]),
             default="auto",
@@ -98,9 +106,9 @@ def register_options(function):  # type: ignore[no-untyped-def]
             type=click.IntRange(min=0),
             default=0,
             show_default=True,
-            help="Target level of warped.ome.zarr.",
+            help="Target level of the warped source (warped.ome.zarr).",
         ),
-        click.option("--no-warp", is_flag=True, help="Do not write warped.ome.zarr."),
+        click.option("--no-warp", is_flag=True, help="Do not write the warped source."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -124,6 +132,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
         refine=values.pop("refine"),
         weights=None if weights == "none" else weights,
         flips=None if flips is None else int(flips),
+        precision=values.pop("precision"),
         device=values.pop("device"),
         warp_level=values.pop("warp_level"),
         write_warped=not values.pop("no_warp"),
@@ -135,6 +144,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
         "wsireg register he.svs ihc.svs -o out/            # SOURCE (moving), TARGET (fixed)",
         "wsireg register he.svs ihc.svs -o out/ --level 0 --device cuda",
         "wsireg register he.svs ihc.svs -o out/ --weights none --no-warp",
+        "wsireg register he.svs ihc.svs -o out/ --format ome-tiff   # out/warped.ome.tif",
         "wsireg -q register he.svs ihc.svs -o out/ 2> register.log",
     )
 )
@@ -146,9 +156,24 @@ def options_from_cli(values: dict) -> RegisterOptions:
     "--out",
     type=click.Path(path_type=Path),
     required=True,
-    help="Output directory (transform/, warped.ome.zarr, qc/, report.json).",
+    help="Output directory (transform/, warped.ome.zarr or warped.ome.tif, qc/, report.json).",
 )
 @register_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ome-zarr", "ome-tiff"]),
+    default="ome-zarr",
+    show_default=True,
+    help="Format of the warped source: warped.ome.zarr or warped.ome.tif (as `wsireg warp`).",
+)
+@click.option(
+    "--ngff-version",
+    type=click.Choice(["0.4", "0.5"]),
+    default="0.4",
+    show_default=True,
+    help="OME-NGFF version of warped.ome.zarr (0.4: zarr v2 format, 0.5: zarr v3).",
+)
 @click.option(
     "--resume",
     is_flag=True,
@@ -168,6 +193,8 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
     resume: bool,
     overwrite: bool,
     strict: bool,
+    fmt: str,
+    ngff_version: str,
     **values,
 ) -> None:
     """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
@@ -176,7 +203,17 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
 
     check_output_place(out, [source, target])
     options = options_from_cli(values)
-    result = run(source, target, out, options, resume=resume, overwrite=overwrite, strict=strict)
+    result = run(
+        source,
+        target,
+        out,
+        options,
+        resume=resume,
+        overwrite=overwrite,
+        strict=strict,
+        fmt=fmt,
+        ngff_version=ngff_version,
+    )
     quality = result.report["quality"]
     if not quality["plausible"]:
         click.echo(f"wsireg: warning: {result.out}: {quality_warning(quality)}", err=True)

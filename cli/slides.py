@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .main import cli, examples, quiet_option
-from .options import MAX_CHUNK, MIN_CHUNK, Multiple, check_output_place
+from .options import MAX_CHUNK, MAX_TILE, MIN_CHUNK, MIN_TILE, Multiple, check_output_place
 
 
 @cli.command(epilog=examples("wsireg info he.svs", "wsireg info he.svs --json > he.json"))
@@ -77,7 +77,7 @@ def info(slide: Path, as_json: bool) -> None:
 )
 @click.option(
     "--tile",
-    type=Multiple(16, 16, 4096),
+    type=Multiple(16, MIN_TILE, MAX_TILE),
     default=512,
     show_default=True,
     help="OME-TIFF tile side (px).",

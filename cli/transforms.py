@@ -1,4 +1,5 @@
-"""``wsireg warp``, ``wsireg warp-points`` and ``wsireg warp-geojson``.
+"""``wsireg warp``, ``wsireg warp-points``, ``wsireg warp-geojson`` and ``wsireg transform
+export``.
 
 Each verb imports the library inside its function, so that ``wsireg --help`` and the other verbs
 do not pay for importing torch, dask and zarr.
@@ -12,7 +13,15 @@ from typing import TYPE_CHECKING
 import click
 
 from .main import cli, examples, quiet_option
-from .options import MAX_CHUNK, MIN_CHUNK, FiniteFloat, check_output_place
+from .options import (
+    MAX_CHUNK,
+    MAX_TILE,
+    MIN_CHUNK,
+    MIN_TILE,
+    FiniteFloat,
+    Multiple,
+    check_output_place,
+)
 
 if TYPE_CHECKING:  # annotations only: importing it loads zarr
     from wsireg.engine.transform import Direction
@@ -24,6 +33,7 @@ TRANSFORM = click.Path(path_type=Path)
     epilog=examples(
         "wsireg warp out/ he.svs -o he-warped.ome.zarr",
         "wsireg warp out/transform mask.tif -o mask.ome.tif --interpolation nearest",
+        "wsireg warp out/ he.svs -o he-warped.ome.tif --compression zstd --tile 256",
     )
 )
 @quiet_option
@@ -65,6 +75,20 @@ TRANSFORM = click.Path(path_type=Path)
     help="Output chunk side (px).",
 )
 @click.option("--ngff-version", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True)
+@click.option(
+    "--compression",
+    type=click.Choice(["jpeg", "zlib", "zstd", "none"]),
+    default=None,
+    help="OME-TIFF: jpeg|zlib|zstd|none (default jpeg; zlib with --interpolation nearest, "
+    "which refuses jpeg); OME-Zarr: zstd|zlib|none (default zstd, Blosc).",
+)
+@click.option(
+    "--tile",
+    type=Multiple(16, MIN_TILE, MAX_TILE),
+    default=512,
+    show_default=True,
+    help="OME-TIFF tile side (px; an OME-Zarr's chunks are --chunk).",
+)
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler.")
 @click.option(
     "--workers",
@@ -93,6 +117,8 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
     fmt: str | None,
     chunk: int,
     ngff_version: str,
+    compression: str | None,
+    tile: int,
     scheduler: str | None,
     workers: int | None,
     threads: int | None,
@@ -101,7 +127,9 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
 ) -> None:
     """Resample SOURCE (any slide in the source's frame) into target space through TRANSFORM.
 
-    TRANSFORM is a transform directory or a `wsireg register` output directory.
+    TRANSFORM is a transform directory, a `wsireg register` output directory, an ITK
+    displacement image (.mha, .nrrd, .nii, .nii.gz) or an OME-NGFF 0.6 displacements zarr
+    (level-0 pixels, target -> source; see `wsireg transform export`).
     """
     from wsireg.engine.warp import warp as run_warp
     from wsireg.io.convert import output_format
@@ -118,6 +146,8 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
         fmt=output_format(out, fmt),
         chunk=chunk,
         ngff_version=ngff_version,
+        compression=compression,
+        tile=tile,
         scheduler=scheduler,
         workers=workers,
         threads=threads,
@@ -151,7 +181,11 @@ def _direction(inverse: bool) -> Direction:
 )
 @click.option("--overwrite", is_flag=True)
 def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwrite: bool) -> None:
-    """Map the landmarks of an ANHIR CSV (,X,Y) through TRANSFORM."""
+    """Map the landmarks of an ANHIR CSV (,X,Y) through TRANSFORM.
+
+    TRANSFORM is a transform directory, a `wsireg register` output directory, an ITK
+    displacement image (.mha, .nrrd, .nii, .nii.gz) or an OME-NGFF 0.6 displacements zarr.
+    """
     from wsireg.engine.transform import Transform
     from wsireg.io.annotations import read_landmarks, write_landmarks
 
@@ -181,11 +215,18 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
     help="Map target-slide annotations into the source (default: source -> target).",
 )
 @click.option(
+    "--tolerance",
+    type=FiniteFloat(min=0, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="Add vertices only where the transform bends an edge by more than this (level-0 px "
+    "of the output); coordinates keep the decimals it justifies (2 for 0.25 px).",
+)
+@click.option(
     "--max-segment",
     type=FiniteFloat(min=0, min_open=True),
     default=None,
-    help="Densify edges longer than this (level-0 px; default: half the field "
-    "spacing, none for affine-only transforms).",
+    help="Instead: densify every edge to pieces of at most this length (level-0 px).",
 )
 @click.option("--no-densify", is_flag=True, help="Map the vertices only (no densification).")
 @click.option(
@@ -196,41 +237,123 @@ def warp_points(transform: Path, points: Path, out: Path, inverse: bool, overwri
     help="corner: QuPath's convention (pixel centres at +0.5).",
 )
 @click.option("--overwrite", is_flag=True)
-def warp_geojson(
+def warp_geojson(  # noqa: PLR0913 - click passes each option as one argument
     transform: Path,
     annotations: Path,
     out: Path,
     inverse: bool,
+    tolerance: float,
     max_segment: float | None,
     no_densify: bool,
     pixel_origin: str,
     overwrite: bool,
 ) -> None:
-    """Map GeoJSON annotations (e.g. a QuPath export) through TRANSFORM."""
+    """Map GeoJSON annotations (e.g. a QuPath export) through TRANSFORM.
+
+    By default an edge gets vertices only where the transform bends it by more than
+    --tolerance (halving it while a probe at 1/4, 1/2 or 3/4 of a piece maps further than that
+    from the chord of its mapped ends), only over the slide the annotations are on;
+    coordinates are rounded to k decimals, the fewest with 0.5 * 10^-k <= tolerance / 10.
+    Positions off that slide are mapped by extrapolation, with a warning saying how many.
+    """
     from wsireg.engine.transform import Transform
-    from wsireg.io.annotations import map_geojson, read_geojson, write_geojson
+    from wsireg.io.annotations import (
+        coordinate_decimals,
+        map_annotations,
+        read_geojson,
+        write_geojson,
+    )
 
     check_output_place(out, [transform, annotations])
-    loaded = Transform.load(transform)
-    document = read_geojson(annotations)
     if no_densify and max_segment is not None:
         raise click.UsageError("give --max-segment or --no-densify, not both")
-    if max_segment is None and not no_densify:
-        spacing = [s.field_downsample for s in loaded.stages if s.field is not None]
-        max_segment = min(spacing) / 2 if spacing else None
+    loaded = Transform.load(transform)
+    document = read_geojson(annotations)
     # the slide the annotations are drawn on: densification covers it only
-    height, width = (loaded.target if inverse else loaded.source).shape
+    drawn_on, which = (loaded.target, "target") if inverse else (loaded.source, "source")
+    height, width = drawn_on.shape
 
     def mapper(xy):  # type: ignore[no-untyped-def]
         return loaded.map_points(xy, _direction(inverse))
 
-    mapped = map_geojson(
+    result = map_annotations(
         document,
         mapper,
         max_segment=max_segment,
+        tolerance=None if (no_densify or max_segment is not None) else tolerance,
         pixel_origin=pixel_origin,
-        extent=(width, height),
+        extent=(width, height) if drawn_on.known else None,
+        decimals=coordinate_decimals(tolerance),
         name=annotations,
     )
-    write_geojson(out, mapped, overwrite=overwrite)
+    write_geojson(out, result.document, overwrite=overwrite)
+    if result.outside:
+        click.echo(
+            f"warning: {result.outside} of {result.positions} positions lie outside the "
+            f"{which} slide ({width} x {height} px); their mapping extrapolates the transform",
+            err=True,
+        )
+    click.echo(str(out))
+
+
+@cli.group(
+    "transform",
+    epilog=examples(
+        "wsireg transform export out/ -o field.zarr      # OME-NGFF 0.6 displacements",
+        "wsireg transform export out/ -o field.mha       # ITK displacement image",
+    ),
+)
+def transform_group() -> None:
+    """Transforms exchanged with other tools (ITK, OME-NGFF 0.6)."""
+
+
+@transform_group.command(
+    "export",
+    epilog=examples(
+        "wsireg transform export out/transform --format ngff -o field.zarr",
+        "wsireg transform export out/ --format itk -o field.mha       # elastix, ITK, TIAToolbox",
+        "wsireg transform export out/ -o field.nii.gz --downsample 64",
+    ),
+)
+@quiet_option
+@click.argument("transform", type=TRANSFORM)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output: an NGFF zarr (.zarr) or an ITK image (.mha, .nrrd, .nii, .nii.gz).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ngff", "itk"]),
+    default=None,
+    help="ngff: OME-NGFF 0.6 displacements, written chunk by chunk; itk: one in-memory "
+    "displacement image (at most 2^26 nodes). Default: from OUT's ending.",
+)
+@click.option(
+    "--downsample",
+    type=FiniteFloat(min=1, min_open=False),
+    default=None,
+    help="Target level-0 px per field node (default: the finest field's; a power of two "
+    "keeping an affine-only transform within 1024 nodes).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def transform_export(
+    transform: Path, out: Path, fmt: str | None, downsample: float | None, overwrite: bool
+) -> None:
+    """Write TRANSFORM as one dense displacement field other tools read.
+
+    The whole transform (affine and fields, every stage) becomes d(x) = T(x) - x on the target
+    grid: in level-0 pixels, node [i, j] at (D (j + 0.5) - 0.5, D (i + 0.5) - 0.5), so
+    x + d(x) is the source position of target point x (ITK: fixed -> moving; origin
+    D/2 - 0.5, spacing D). wsireg reads both back (warp, warp-points, warp-geojson).
+    """
+    from wsireg.engine.exchange import export_format, export_transform
+    from wsireg.engine.transform import Transform
+
+    check_output_place(out, [transform])
+    loaded = Transform.load(transform)
+    export_transform(loaded, out, export_format(out, fmt), downsample, overwrite=overwrite)
     click.echo(str(out))

@@ -44,3 +44,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def progress_reports_on():
+    """Every test starts as a fresh process does, progress reports on: an in-process
+    ``wsireg -q`` (:func:`run_cli`) sets the process-wide switch."""
+    from wsireg.progress import set_quiet
+
+    set_quiet(False)
+    yield
+    set_quiet(False)

@@ -16,6 +16,7 @@ from wsireg.model.inference import (
     PatchCounts,
     flip_averaged,
     inference_settings,
+    network_dtype,
     register_level,
     register_pyramid,
 )
@@ -221,3 +222,30 @@ def test_flip_average_cancels_a_bias_and_keeps_an_equivariant_prediction() -> No
         expected = net(moving, fixed)
         assert float(expected.abs().mean()) > 0.01
         assert torch.allclose(flip_averaged(net, moving, fixed, flips), expected, atol=1e-6)
+
+
+def test_precision_auto_follows_the_device_and_bfloat16_stays_close(monkeypatch) -> None:
+    from wsireg.model import inference
+
+    cpu = torch.device("cpu")
+    assert network_dtype("float32", cpu) == torch.float32
+    assert network_dtype("bfloat16", cpu) == torch.bfloat16
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: False)
+    assert network_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
+    assert network_dtype("auto", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        network_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="precision"):
+        InferenceSettings(precision="half")
+    # the shipped networks in bfloat16: the field is close to float32's, not equal
+    model = load_default()
+    moving, fixed = _texture(128, 128, 1), _texture(128, 128, 2)
+    net = model[model.num_levels - 1]
+    fields = {
+        p: register_level(net, moving, fixed, plain(iterations=2, precision=p))
+        for p in ("float32", "bfloat16")
+    }
+    gap = (fields["float32"] - fields["bfloat16"]).abs()
+    assert 0 < float(gap.max()) < 0.05 * max(1.0, float(fields["float32"].abs().max()))
+    assert fields["bfloat16"].dtype == torch.float32

@@ -11,8 +11,9 @@ import pytest
 from wsireg.engine.transform import Transform
 from wsireg.errors import InputError, OutputExistsError
 from wsireg.io.annotations import (
+    coordinate_decimals,
     densify,
-    map_geojson,
+    map_annotations,
     read_geojson,
     read_landmarks,
     write_geojson,
@@ -152,10 +153,12 @@ def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run
     assert len(ring) > 5  # long edges were densified (field spacing 16 px)
     line = np.array(features[2]["geometry"]["coordinates"])
     assert len(line) > 2
-    # Each mapped vertex is where the inverse transform puts it (QuPath corner convention).
+    # Each mapped vertex is where the inverse transform puts it (QuPath corner convention),
+    # rounded to the 2 decimals the default tolerance (0.25 px) justifies.
     point = np.array(features[3]["geometry"]["coordinates"])
     expected = T.map_points(np.array([[321.0, 654.0]]), "source_to_target")
-    np.testing.assert_allclose(point, expected[0] + 0.5, atol=1e-6)
+    np.testing.assert_allclose(point, expected[0] + 0.5, atol=0.005 + 1e-9)
+    assert point.tolist() == np.round(point, 2).tolist()
     # Mapping back with --inverse returns to the original vertices (up to densification).
     result = run_cli(
         "warp-geojson",
@@ -184,7 +187,7 @@ def test_geojson_round_trip_keeps_structure(saved_transform, tmp_path: Path, run
 
 def test_map_geojson_of_a_bare_geometry_and_centre_origin() -> None:
     doc = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 0]]]}
-    shifted = map_geojson(doc, lambda p: p + [5, 7], pixel_origin="centre")
+    shifted = map_annotations(doc, lambda p: p + [5, 7], pixel_origin="centre").document
     assert shifted["coordinates"][0][1] == [15.0, 7.0]
     assert doc["coordinates"][0][1] == [10, 0]  # input untouched
 
@@ -201,3 +204,167 @@ def test_identity_transform_keeps_points() -> None:
     pts = np.array([[5.0, 6.0]])
     identity = Transform.identity(TARGET, SOURCE)
     assert identity.map_points(pts, "source_to_target") == pytest.approx(pts)
+
+
+def qupath_cells_and_annotations() -> list[dict]:
+    """A QuPath-style export over the source slide (3900 x 3200 px): a brush annotation (an
+    ellipse of 400 vertices with a hole), a multipolygon of rectangles, a polyline, points,
+    150 cell objects with their nucleus geometry, and a rectangle and a point partly off the
+    slide. Coordinates with QuPath's one decimal."""
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float, n: int) -> list[list[float]]:
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        ring = np.round(np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1), 1).tolist()
+        return ring + ring[:1]
+
+    def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+    features: list[dict] = [
+        {
+            "type": "Feature",
+            "id": "brush",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [
+                    ellipse(1500, 1200, 500, 350, 400),
+                    ellipse(1450, 1150, 120, 80, 80),
+                ],
+            },
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "MultiPolygon",
+                "coordinates": [
+                    [rectangle(2200, 300, 3500, 900)],
+                    [rectangle(300, 2300, 1400, 3000), rectangle(600, 2500, 900, 2700)],
+                ],
+            },
+            "properties": {"objectType": "annotation"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "LineString",
+                "coordinates": [[200, 200], [1900, 350], [2600, 1900], [3600, 2900]],
+            },
+            "properties": {"objectType": "annotation"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "MultiPoint", "coordinates": [[500.5, 700.5], [2500, 2500]]},
+            "properties": {"objectType": "annotation"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [rectangle(3700, 3000, 4100, 3400)]},
+            "properties": {"objectType": "annotation", "name": "off the edge"},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [-50, 100]},
+            "properties": {"objectType": "annotation"},
+        },
+    ]
+    rng = np.random.default_rng(7)
+    for index, (cx, cy) in enumerate(rng.uniform([2000, 1500], [3500, 2800], (150, 2))):
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"cell-{index}",
+                "geometry": {"type": "Polygon", "coordinates": [ellipse(cx, cy, 7, 6, 24)]},
+                "properties": {
+                    "objectType": "cell",
+                    "nucleusGeometry": {
+                        "type": "Polygon",
+                        "coordinates": [ellipse(cx + 0.5, cy, 3.5, 3, 12)],
+                    },
+                    "measurements": {"Nucleus: Area": 33.0},
+                },
+            }
+        )
+    return features
+
+
+def polylines(node: object) -> list[np.ndarray]:
+    """Every line and ring of a GeoJSON tree, in document order (points left out)."""
+    found: list[np.ndarray] = []
+    if isinstance(node, list):
+        for item in node:
+            found += polylines(item)
+    elif isinstance(node, dict):
+        kind, coords = node.get("type"), node.get("coordinates")
+        if kind == "LineString":
+            found.append(np.array(coords, float))
+        elif kind in ("Polygon", "MultiLineString"):
+            found += [np.array(ring, float) for ring in coords]
+        elif kind == "MultiPolygon":
+            found += [np.array(ring, float) for polygon in coords for ring in polygon]
+        for key, value in node.items():
+            if key != "coordinates":
+                found += polylines(value)
+    return found
+
+
+def distance_to_polyline(points: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Distance of each point ``(M, 2)`` to the polyline ``(K, 2)``."""
+    a, b = line[:-1], line[1:]
+    ab = b - a
+    length2 = np.maximum((ab**2).sum(1), 1e-12)
+    best = np.full(len(points), np.inf)
+    for start in range(0, len(points), 512):
+        p = points[start : start + 512, None, :]
+        t = np.clip(((p - a) * ab).sum(-1) / length2, 0, 1)
+        d = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1).min(axis=1)
+        best[start : start + 512] = d
+    return best
+
+
+def test_geojson_is_densified_where_the_transform_bends_it(
+    saved_transform, tmp_path: Path, run_cli
+) -> None:
+    T, tdir = saved_transform
+    features = qupath_cells_and_annotations()
+    src, out = tmp_path / "cells.geojson", tmp_path / "cells-target.geojson"
+    src.write_text(json.dumps(features))
+    result = run_cli("warp-geojson", tdir, src, "-o", out)
+    assert result.exit_code == 0, result.output
+    # positions off the source slide (3900 x 3200): the rectangle's 3 corners and the point
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "4 of " in warnings[0] and "source slide" in warnings[0]
+    assert out.stat().st_size <= 2 * src.stat().st_size  # a mild deformation: few vertices
+    mapped = json.loads(out.read_text())
+    assert mapped[6]["properties"]["objectType"] == "cell"
+    assert mapped[6]["properties"]["nucleusGeometry"]["type"] == "Polygon"
+    tolerance, rounding = 0.25, 0.005 * np.sqrt(2)
+    for before, after in zip(polylines(features), polylines(mapped), strict=True):
+        assert np.array_equal(after[0], after[-1]) or len(before) == 4  # rings stay closed
+        assert np.abs(after * 100 - np.round(after * 100)).max() < 1e-6  # 2 decimals
+        # the exact image of the edge, sampled every 0.25 px over the slide (QuPath corners)
+        steps = np.maximum(np.ceil(np.linalg.norm(np.diff(before, axis=0), axis=1) / 0.25), 1)
+        samples = np.concatenate(
+            [
+                a + (b - a) * np.arange(n)[:, None] / n
+                for a, b, n in zip(before[:-1], before[1:], steps.astype(int), strict=True)
+            ]
+            + [before[-1:]]
+        )
+        on_slide = (samples >= 0).all(1) & (samples[:, 0] <= 3900) & (samples[:, 1] <= 3200)
+        exact = T.map_points(samples[on_slide] - 0.5, "source_to_target") + 0.5
+        assert distance_to_polyline(exact, after).max() <= tolerance + rounding
+        if on_slide.all():  # and every written vertex lies on that image (to the rounding)
+            assert distance_to_polyline(after, exact).max() <= rounding + 0.01
+    # a straight edge under an affine-only transform gets no vertex
+    affine = Transform.from_affine(rotation(10, (2000, 1500)), TARGET, SOURCE)
+    plain = map_annotations(
+        features, lambda p: affine.map_points(p, "source_to_target"), tolerance=0.25
+    )
+    assert plain.vertices == plain.positions
+
+
+def test_coordinate_decimals_follow_the_tolerance() -> None:
+    assert [coordinate_decimals(t) for t in (1.0, 0.25, 0.1, 0.01)] == [1, 2, 2, 3]
+    with pytest.raises(ValueError):
+        coordinate_decimals(0.0)

@@ -426,6 +426,7 @@ CASES: list[tuple[str, str]] = [
     ("register {source} {target} -o OUT --iterations 0", "--iterations"),
     ("register {source} {target} -o OUT --refine -1", "--refine"),
     ("register {source} {target} -o OUT --device tpu", "--device"),
+    ("register {source} {target} -o OUT --precision float16", "--precision"),
     ("register {source} {target} -o OUT --weights {missing}", "missing.svs"),
     ("register {source} {target} -o OUT --weights {binary}", "binary.csv"),
     ("warp {transform} {source} -o OUT --level 99", "no output level 99"),

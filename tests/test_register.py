@@ -276,6 +276,8 @@ def test_the_field_is_estimated_into_the_transform_and_the_affine_read_from_it(
     ]
     with pytest.raises(TypeError, match="levles"):
         register(pair["source"], pair["target"], tmp_path / "typo", levles=2)
+    with pytest.raises(ValueError, match="precision"):
+        register(pair["source"], pair["target"], tmp_path / "typo", precision="float16")
 
 
 def test_unknown_mpp_and_incompatible_sizes_is_an_error(pair: dict, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # is never the name of a subpackage or module of wsireg (importing `wsireg.engine.warp` sets
 # `wsireg.engine.warp`, not `wsireg.warp`; tests/test_public_api.py checks that this holds).
 _LAZY = {
-    "open_slide": "wsireg.io.slide",
+    "open_slide": "wsireg.engine.view",
+    "open_registered": "wsireg.engine.view",
     "Slide": "wsireg.io.slide",
     "write_ome_zarr": "wsireg.io.ngff",
     "write_ome_tiff": "wsireg.io.tiff",

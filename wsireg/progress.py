@@ -2,12 +2,13 @@
 
 Long work reports through :func:`progress` (a context manager yielding an object with
 ``update(n)``, ``set_postfix(**values)``, settable ``total`` and ``n`` and ``refresh()``), a
-stage without a count (the alignment, QC) through :func:`stage_progress`, and dask computations
-through :func:`dask_progress`. Where stderr is a terminal they are tqdm bars, redrawn in place
-and cleared at the end. Anywhere else (a log file, a pipe, a batch system) they are log lines,
-never a carriage return: ``HH:MM:SS DESC: started``, a percentage line at most every
-:data:`LOG_INTERVAL_S` seconds, and ``HH:MM:SS DESC: done, N UNIT in S s`` (``stopped after``
-when an error ends the work); every such line matches :data:`LOG_LINE`. :func:`set_quiet`
+stage without a count (the alignment, QC) through :func:`stage_progress`, dask computations
+through :func:`dask_progress`, and a lasting note that something started (where a cluster's
+dashboard is) through :func:`announce`. Where stderr is a terminal they are tqdm bars, redrawn
+in place and cleared at the end. Anywhere else (a log file, a pipe, a batch system) they are
+log lines, never a carriage return: ``HH:MM:SS DESC: started``, a percentage line at most
+every :data:`LOG_INTERVAL_S` seconds, and ``HH:MM:SS DESC: done, N UNIT in S s`` (``stopped
+after`` when an error ends the work); every such line matches :data:`LOG_LINE`. :func:`set_quiet`
 (the CLI's ``--quiet``) silences all of them. dask is imported inside :func:`dask_progress`:
 the CLI imports this module at start-up.
 """
@@ -127,6 +128,20 @@ def _closing(bar: Any) -> Iterator[Any]:
         raise
     finally:
         bar.close()
+
+
+def announce(desc: str, message: str) -> None:
+    """One lasting line on stderr that ``desc`` started, with ``message`` (e.g. where a
+    dashboard is), silent when quiet: ``HH:MM:SS DESC: started, MESSAGE`` in a log (a
+    :data:`LOG_LINE`), ``DESC: started, MESSAGE`` above any bars on a terminal."""
+    if _quiet:
+        return
+    stream = sys.stderr
+    if is_terminal(stream):
+        tqdm.write(f"{desc}: started, {message}", file=stream)
+    else:
+        stream.write(f"{time.strftime('%H:%M:%S')} {desc}: started, {message}\n")
+        stream.flush()
 
 
 @contextlib.contextmanager

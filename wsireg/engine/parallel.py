@@ -3,9 +3,12 @@
 :class:`Execution` says where independent tasks run: here (threads), on a LocalCluster of
 ``workers`` processes started for the job, or on the dask.distributed cluster at ``scheduler``,
 with worker ``resources`` (e.g. ``{"GPU": 1}``) each task claims. :func:`cluster_client` starts
-or connects to the cluster (the one copy of that set-up), :func:`local_cluster` keeps one
-LocalCluster for several steps (``wsireg stack``), :func:`map_on_cluster` submits tasks and
-yields them as they finish, :func:`run_threaded` runs tasks on dask's threaded scheduler.
+(:func:`start_local_cluster`, announcing its dashboard) or connects to (:func:`connect`, a
+one-line error within :data:`CONNECT_TIMEOUT_S` seconds) the cluster and caps the threads of
+every worker (:mod:`wsireg.engine.workers`): the one copy of that set-up.
+:func:`local_cluster` keeps one LocalCluster for several steps (``wsireg stack``),
+:func:`map_on_cluster` submits tasks and yields them as they finish, :func:`run_threaded` runs
+tasks on dask's threaded scheduler.
 :func:`torch_threads` caps torch's intra-op threads for a block. :func:`peak_rss_mib`,
 :func:`reset_peak_rss` and :func:`limit_malloc_arenas` measure and bound the process's memory.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import resource
@@ -26,16 +30,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from wsireg.errors import WsiregError
-from wsireg.progress import dask_progress
+from wsireg.errors import WsiregError, error_line
+from wsireg.progress import announce, dask_progress
 
 if TYPE_CHECKING:  # only for annotations: distributed is imported when a cluster is used
-    from distributed import Client, Future
+    from distributed import Client, Future, LocalCluster
 
 T = TypeVar("T")
 
-#: Seconds to wait for a dask.distributed scheduler to answer.
-CONNECT_TIMEOUT_S = 10
+#: Seconds to wait for a dask.distributed scheduler to answer (a wrong address fails then).
+CONNECT_TIMEOUT_S = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,32 +90,26 @@ class Execution:
 
 @contextlib.contextmanager
 def cluster_client(execution: Execution, threads_per_worker: int = 1) -> Iterator[Client]:
-    """A dask.distributed client of the cluster at ``execution.scheduler``, or of a
-    LocalCluster of ``execution.workers`` processes of ``threads_per_worker`` threads (each
-    given ``execution.resources``, so tasks claiming them can run), closed after the block.
-    Fails early when no connected worker has the resources."""
-    from distributed import Client, LocalCluster
+    """A dask.distributed client of the cluster at ``execution.scheduler``
+    (:func:`connect`), or of a LocalCluster of ``execution.workers`` processes of
+    ``threads_per_worker`` threads (:func:`start_local_cluster`, each given
+    ``execution.resources``, so tasks claiming them can run), closed after the block.
+
+    Every worker, local or remote, caps its thread pools at its share of its machine's CPUs
+    (:mod:`wsireg.engine.workers`). Fails early when no connected worker has the resources.
+    """
+    from wsireg.engine.workers import cap_worker_threads
 
     resources = dict(execution.resources or {})
     cluster = None
     if execution.scheduler is not None:
-        try:
-            client = Client(execution.scheduler, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, ValueError) as exc:  # unreachable, or not an address
-            raise WsiregError(
-                f"{execution.scheduler}: cannot connect to the scheduler ({exc})"
-            ) from exc
+        client = connect(execution.scheduler)
     else:
-        cluster = LocalCluster(
-            n_workers=int(execution.workers or 1),
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-            resources=resources or None,
+        cluster, client = start_local_cluster(
+            int(execution.workers or 1), threads_per_worker, resources
         )
-        client = Client(cluster)
     try:
+        cap_worker_threads(client)
         if resources:
             check_resources(client, resources, execution.scheduler or "local cluster")
         yield client
@@ -119,6 +117,56 @@ def cluster_client(execution: Execution, threads_per_worker: int = 1) -> Iterato
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def connect(address: str) -> Client:
+    """A client of the dask.distributed scheduler at ``address``; a one-line
+    :class:`~wsireg.errors.WsiregError` naming it when it does not answer within
+    :data:`CONNECT_TIMEOUT_S` seconds (or is no address)."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S)
+    except OSError as exc:  # refused, unknown host, timed out
+        raise WsiregError(
+            f"{address}: cannot connect to the dask scheduler ({error_line(exc)})"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise WsiregError(f"{address}: not a dask scheduler address ({exc})") from exc
+
+
+def start_local_cluster(
+    workers: int, threads_per_worker: int, resources: Mapping[str, float] | None = None
+) -> tuple[LocalCluster, Client]:
+    """A LocalCluster of ``workers`` processes of ``threads_per_worker`` threads (each
+    offering ``resources``) and its client; its dashboard (on a free port) is announced on
+    stderr (:func:`wsireg.progress.announce`, silent when quiet)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+        resources=dict(resources) if resources else None,
+    )
+    try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    plural = "" if workers == 1 else "s"
+    announce("local cluster", f"{workers} worker{plural}, dashboard {dashboard_note(cluster)}")
+    return cluster, client
+
+
+def dashboard_note(cluster: LocalCluster) -> str:
+    """Where the dashboard of ``cluster`` is, and what it needs when bokeh is missing."""
+    link = cluster.dashboard_link or "not started"
+    if importlib.util.find_spec("bokeh") is None:
+        return f"{link} (install bokeh to see it)"
+    return link
 
 
 @contextlib.contextmanager

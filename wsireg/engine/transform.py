@@ -94,6 +94,12 @@ class SlideRef:
             levels=tuple(tuple(slide.level_shape(i)) for i in range(slide.level_count)),
         )
 
+    @property
+    def known(self) -> bool:
+        """False for a slide whose size is unknown (shape ``(0, 0)``): the source of a field
+        imported from another tool without wsireg's metadata."""
+        return tuple(self.shape) != (0, 0)
+
     def level_shape(self, level: int) -> tuple[int, int]:
         """``(H, W)`` of ``level``: the slide's own, else halvings of level 0."""
         if level < len(self.levels):
@@ -546,8 +552,15 @@ class Transform:
 
     @classmethod
     def load(cls, path: str | Path) -> Transform:
-        """Read a transform directory (or its ``transform.json``); fields stay on disk."""
+        """Read a transform directory (or its ``transform.json``, or a `wsireg register`
+        output); fields stay on disk. A displacement field of another tool (an ITK image
+        ``.mha``/``.nrrd``/``.nii[.gz]``, an OME-NGFF 0.6 ``displacements`` zarr) is read as
+        :func:`wsireg.engine.exchange.load_exchanged` says."""
+        from wsireg.engine.exchange import exchanged_format, load_exchanged
+
         path = Path(path)
+        if exchanged_format(path) is not None:
+            return load_exchanged(path)
         if path.name == "transform.json":
             path = path.parent
         elif (path / "transform" / "transform.json").is_file():  # a `wsireg register` output
@@ -622,6 +635,8 @@ def field_identity(fld: FieldArray | None) -> str | None:
     changes it, without reading the field). ``None`` for no field."""
     if fld is None:
         return None
+    if hasattr(fld, "content_identity"):  # a view of a stored field (engine.exchange)
+        return fld.content_identity()
     digest = hashlib.sha256()
     root = _stored_at(fld)
     if root is None:

@@ -39,10 +39,17 @@ from wsireg.engine.parallel import Execution, cluster_client, map_on_cluster, ru
 from wsireg.engine.transform import SlideRef, Transform
 from wsireg.errors import InputError, TransformError
 from wsireg.io.convert import FORMATS
-from wsireg.io.ngff import ZarrLayout, create_ome_zarr, fill_pyramid, level_arrays
+from wsireg.io.ngff import (
+    NGFF_VERSIONS,
+    ZARR_COMPRESSIONS,
+    ZarrLayout,
+    create_ome_zarr,
+    fill_pyramid,
+    level_arrays,
+)
 from wsireg.io.output import check_output, check_output_path, remove, staged_output
 from wsireg.io.slide import Slide, open_slide
-from wsireg.io.tiff import write_ome_tiff_levels
+from wsireg.io.tiff import TIFF_COMPRESSIONS, TiffLayout, write_ome_tiff_levels
 from wsireg.progress import progress
 
 #: Largest source box (pixels) one block may read; beyond it a coarser level is used.
@@ -50,6 +57,10 @@ MAX_BOX_PIXELS = 24 << 20
 INTERPOLATIONS = ("linear", "nearest")
 #: Output chunk sides (px).
 MIN_CHUNK, MAX_CHUNK = 16, 16384
+#: OME-TIFF tile sides (px; multiples of 16).
+MIN_TILE, MAX_TILE = 16, 4096
+#: Backend name of a registered view (:mod:`wsireg.engine.view`): a slide warped on reading.
+REGISTERED_BACKEND = "registered"
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +231,12 @@ class WarpOptions:
     resolution; levels past the target slide's own are halvings), resampled with
     ``interpolation`` (``"linear"``, or ``"nearest"`` for label masks), as ``fmt``
     (``"ome-zarr"`` or ``"ome-tiff"``) with ``chunk`` px chunks and OME-NGFF ``ngff_version``.
+
+    ``compression`` (``None``: the format's default, :meth:`output_compression`): an OME-Zarr
+    takes one of :data:`~wsireg.io.ngff.ZARR_COMPRESSIONS`, an OME-TIFF one of
+    :data:`~wsireg.io.tiff.TIFF_COMPRESSIONS`; ``"jpeg"`` (lossy) is refused with
+    ``"nearest"``, whose labels must stay exact. ``tile``: the OME-TIFF tile side (px, a
+    multiple of 16 in :data:`MIN_TILE` .. :data:`MAX_TILE`); an OME-Zarr's is ``chunk``.
     """
 
     level: int = 0
@@ -227,6 +244,8 @@ class WarpOptions:
     fmt: str = "ome-zarr"
     chunk: int = 1024
     ngff_version: str = "0.4"
+    compression: str | None = None
+    tile: int = 512
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK <= self.chunk <= MAX_CHUNK:
@@ -235,6 +254,48 @@ class WarpOptions:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
         if self.fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {self.fmt!r}")
+        if self.ngff_version not in NGFF_VERSIONS:
+            raise ValueError(
+                f"NGFF version must be one of {NGFF_VERSIONS}, not {self.ngff_version!r}"
+            )
+        if not MIN_TILE <= self.tile <= MAX_TILE or self.tile % 16:
+            raise ValueError(
+                f"tile must be a multiple of 16 in {MIN_TILE}..{MAX_TILE} px, not {self.tile}"
+            )
+        self._check_compression()
+
+    def _check_compression(self) -> None:
+        if self.compression is None:
+            return
+        allowed = TIFF_COMPRESSIONS if self.fmt == "ome-tiff" else ZARR_COMPRESSIONS
+        if self.compression not in allowed:
+            raise ValueError(
+                f"{self.fmt} compression must be one of {allowed}, not {self.compression!r}"
+            )
+        if self.compression == "jpeg" and self.interpolation == "nearest":
+            raise ValueError(
+                "jpeg is lossy and would change the labels of nearest interpolation; "
+                "use zlib, zstd or none"
+            )
+
+    def output_compression(self) -> str:
+        """``compression``, or the format's default: ``"zstd"`` for an OME-Zarr, ``"jpeg"``
+        for an OME-TIFF (``"zlib"``, lossless, with ``"nearest"`` interpolation)."""
+        if self.compression is not None:
+            return self.compression
+        if self.fmt == "ome-zarr":
+            return "zstd"
+        return "zlib" if self.interpolation == "nearest" else "jpeg"
+
+    def zarr_layout(self) -> ZarrLayout:
+        """The layout of the (staged) OME-Zarr: the output's compression for an OME-Zarr, the
+        fast default for the one an OME-TIFF is transcoded from."""
+        compression = self.output_compression() if self.fmt == "ome-zarr" else "zstd"
+        return ZarrLayout(chunk=self.chunk, ngff_version=self.ngff_version, compression=compression)
+
+    def tiff_layout(self) -> TiffLayout:
+        """The layout of an OME-TIFF output."""
+        return TiffLayout(tile=self.tile, compression=self.output_compression())
 
 
 #: Past a slide's own levels, output grids keep halving while their longest side is this long.
@@ -262,7 +323,10 @@ def check_output_level(target: SlideRef, level: int) -> int:
 
 
 def check_source(transform: Transform, source: Slide) -> None:
-    """The source slide must have the level-0 size of the transform's source."""
+    """The source slide must have the level-0 size of the transform's source (any slide for a
+    transform whose source is unknown: an imported field without wsireg's metadata)."""
+    if not transform.source.known:
+        return
     expected = tuple(transform.source.shape)
     got = tuple(source.level_shape(0))
     if expected != got:
@@ -270,6 +334,17 @@ def check_source(transform: Transform, source: Slide) -> None:
             source.path,
             f"source slide is {got[1]} x {got[0]} px but the transform's source is "
             f"{expected[1]} x {expected[0]} px",
+        )
+
+
+def check_not_a_view(slide: Slide) -> None:
+    """A registered view (:mod:`wsireg.engine.view`) is not warped again: its pixels are
+    interpolated already (compose the transforms and warp the source once)."""
+    if slide.backend == REGISTERED_BACKEND:
+        raise InputError(
+            slide.path,
+            "is a registered view: compose the transforms (Transform.then) and warp its "
+            "source once",
         )
 
 
@@ -381,6 +456,7 @@ def warp(
     if not isinstance(transform, Transform):
         transform = Transform.load(transform)
     slide = source if isinstance(source, Slide) else open_slide(source)
+    check_not_a_view(slide)
     out = check_output(check_output_path(out, (transform.path, slide.path)), overwrite)
     check_source(transform, slide)
     # an OME-TIFF is transcoded from an OME-Zarr staged beside it, then removed
@@ -408,7 +484,8 @@ def warp(
         for leftover in stage.rglob("*.partial"):  # temp files of chunks killed mid-write
             leftover.unlink()
     if options.fmt == "ome-tiff":
-        _transcode_to_tiff(zarr_out, out, _output_mpp(transform, job.out_downsample), overwrite)
+        mpp = _output_mpp(transform, job.out_downsample)
+        _transcode_to_tiff(zarr_out, out, options.tiff_layout(), mpp, overwrite)
     return out
 
 
@@ -423,6 +500,7 @@ def _job_fingerprint(transform: Transform, slide: Slide, options: WarpOptions) -
         "interpolation": options.interpolation,
         "chunk": options.chunk,
         "ngff_version": options.ngff_version,
+        "zarr_compression": options.zarr_layout().compression,
     }
 
 
@@ -436,9 +514,14 @@ def _staged_job(
     if (stage / "0").exists():
         group = zarr.open_group(str(stage), mode="r+")
     else:
-        layout = ZarrLayout(chunk=options.chunk, ngff_version=options.ngff_version)
         group = create_ome_zarr(
-            stage, shape, 3, np.uint8, layout=layout, mpp=mpp, name=Path(slide.path).name
+            stage,
+            shape,
+            3,
+            np.uint8,
+            layout=options.zarr_layout(),
+            mpp=mpp,
+            name=Path(slide.path).name,
         )
     job = _WarpJob(
         str(transform.path) if transform.path else None,
@@ -486,12 +569,16 @@ def _run_chunks(
 
 
 def _transcode_to_tiff(
-    zarr_path: Path, out: Path, mpp: tuple[float, float] | None, overwrite: bool
+    zarr_path: Path,
+    out: Path,
+    layout: TiffLayout,
+    mpp: tuple[float, float] | None,
+    overwrite: bool,
 ) -> None:
     """The output format step of an OME-TIFF: the finished OME-Zarr streamed into ``out``
-    (:func:`wsireg.io.tiff.write_ome_tiff_levels`), then removed."""
+    laid out as ``layout`` (:func:`wsireg.io.tiff.write_ome_tiff_levels`), then removed."""
     try:
         levels = level_arrays(zarr.open_group(str(zarr_path), mode="r"))
-        write_ome_tiff_levels(levels, out, mpp=mpp, overwrite=overwrite)
+        write_ome_tiff_levels(levels, out, layout=layout, mpp=mpp, overwrite=overwrite)
     finally:
         remove(zarr_path)

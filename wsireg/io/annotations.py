@@ -22,6 +22,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ PointMapper = Callable[[np.ndarray], np.ndarray]
 GeoJSON = dict[str, Any] | list[Any]
 #: Most vertices a densified document may have (each is mapped and written).
 MAX_VERTICES = 5_000_000
+#: Default bend tolerance of adaptive densification (level-0 px of the output slide).
+DEFAULT_TOLERANCE = 0.25
+#: Most halvings of one edge piece in adaptive densification (2^16 pieces at most).
+MAX_DEPTH = 16
+#: Pieces no longer than this (level-0 px) are not split further.
+MIN_PIECE = 0.5
+#: Where a piece is probed, as fractions of its length.
+PROBES = (0.25, 0.5, 0.75)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,29 +128,59 @@ def write_geojson(path: str | Path, document: GeoJSON, *, overwrite: bool = Fals
     return path
 
 
-def map_geojson(
+@dataclass(frozen=True)
+class MappedGeoJSON:
+    """What :func:`map_annotations` returns: the mapped ``document``, the number of input
+    ``positions``, how many of them lie ``outside`` the slide's extent (mapped by extrapolating
+    the transform; 0 without an extent) and the number of ``vertices`` written."""
+
+    document: GeoJSON
+    positions: int
+    outside: int
+    vertices: int
+
+
+def coordinate_decimals(tolerance: float) -> int:
+    """Decimals kept of a coordinate mapped to within ``tolerance`` (level-0 px): the fewest
+    ``k`` with ``0.5 * 10^-k <= tolerance / 10``, so rounding moves a point by at most a tenth
+    of the tolerance (1 decimal for 1 px, 2 for 0.25 px, 3 for 0.01 px)."""
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a positive number of pixels, not {tolerance}")
+    return max(0, math.ceil(-math.log10(tolerance / 5) - 1e-9))
+
+
+def map_annotations(
     document: GeoJSON,
     mapper: PointMapper,
     *,
     max_segment: float | None = None,
+    tolerance: float | None = None,
     pixel_origin: str = "corner",
     extent: tuple[float, float] | None = None,
+    decimals: int | None = None,
     name: str | Path = "GeoJSON",
-) -> GeoJSON:
+) -> MappedGeoJSON:
     """A copy of a GeoJSON document (dict, or a list of features as QuPath writes) with every
     coordinate mapped by ``mapper`` (level-0 points ``(N, 2)`` -> ``(N, 2)``).
 
-    All coordinates are gathered and mapped in one call. ``max_segment`` (level-0 px, > 0)
-    densifies long edges first, over ``extent`` ``(W, H)`` (level-0 px of the slide the
-    annotations are on; ``None``: everywhere); ``None`` keeps the vertices as they are.
+    Edges of lines and rings are densified in one of two ways, only where they lie over
+    ``extent`` ``(W, H)`` (level-0 px of the slide the annotations are on; ``None``:
+    everywhere): with ``tolerance`` (level-0 px of the output, > 0) adaptively
+    (:func:`densify_mapped`: a vertex is added only where the mapping bends an edge by more than
+    ``tolerance``); with ``max_segment`` (level-0 px, > 0) uniformly (:func:`densify`); with
+    neither, the vertices are mapped as they are. ``decimals`` rounds the mapped coordinates
+    (``None``: full precision; :func:`coordinate_decimals` gives the rule for a tolerance).
     :class:`InputError` naming ``name`` for a geometry that is not GeoJSON, positions that are
     not two finite numbers, more than :data:`MAX_VERTICES` vertices after densification, or
     mapped positions that are not finite.
     """
     if pixel_origin not in ("corner", "centre"):
         raise ValueError("pixel_origin must be 'corner' or 'centre'")
-    if max_segment is not None and not (math.isfinite(max_segment) and max_segment > 0):
-        raise ValueError(f"max_segment must be a positive number of pixels, not {max_segment}")
+    for label, value in (("max_segment", max_segment), ("tolerance", tolerance)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{label} must be a positive number of pixels, not {value}")
+    if max_segment is not None and tolerance is not None:
+        raise ValueError("give max_segment or tolerance, not both")
     shift = 0.5 if pixel_origin == "corner" else 0.0
     box = (
         None
@@ -151,30 +190,68 @@ def map_geojson(
     geometries: list[dict[str, Any]] = []
     copy = _copy_collecting(document, geometries, name)
     rings: list[np.ndarray] = []
+    lines: list[bool] = []
     slots: list[tuple[dict[str, Any], tuple[int, ...]]] = []
     for geometry in geometries:
         for path_index, coords in _coordinate_arrays(geometry, name):
             ring = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-            if max_segment and len(ring) > 1 and geometry["type"] not in _POINT_TYPES:
-                try:
-                    ring = densify(ring, max_segment, box)
-                except ValueError as exc:
-                    raise InputError(name, str(exc)) from exc
             rings.append(ring)
+            lines.append(len(ring) > 1 and geometry["type"] not in _POINT_TYPES)
             slots.append((geometry, path_index))
-            if sum(len(r) for r in rings) > MAX_VERTICES:
-                raise InputError(name, _too_many_vertices(max_segment))
     if not rings:
-        return copy
-    sizes = [len(r) for r in rings]
-    mapped = mapper(np.concatenate(rings) - shift) + shift
-    if not np.isfinite(mapped).all():
+        return MappedGeoJSON(copy, 0, 0, 0)
+    positions = sum(len(r) for r in rings)
+    outside = 0 if box is None else int((~_inside_box(np.concatenate(rings), box)).sum())
+
+    def shifted(points: np.ndarray) -> np.ndarray:
+        return mapper(points - shift) + shift
+
+    try:
+        mapped = _map_rings(rings, lines, shifted, max_segment, tolerance, box)
+    except ValueError as exc:
+        raise InputError(name, str(exc)) from exc
+    if not all(np.isfinite(part).all() for part in mapped):
         raise InputError(name, "some positions map to non-finite coordinates")
-    for (geometry, path_index), part in zip(
-        slots, np.split(mapped, np.cumsum(sizes)[:-1]), strict=True
-    ):
-        _set_coordinates(geometry, path_index, part)
-    return copy
+    for (geometry, path_index), part in zip(slots, mapped, strict=True):
+        _set_coordinates(geometry, path_index, part, decimals)
+    return MappedGeoJSON(copy, positions, outside, sum(len(p) for p in mapped))
+
+
+def _inside_box(points: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+
+
+def _map_rings(
+    rings: list[np.ndarray],
+    lines: list[bool],
+    mapper: PointMapper,
+    max_segment: float | None,
+    tolerance: float | None,
+    box: tuple[float, float, float, float] | None,
+) -> list[np.ndarray]:
+    """Every ring mapped (lines and rings densified as :func:`map_annotations` says); the
+    points of the rings that are not adaptively densified are mapped in one call."""
+    if max_segment is not None:
+        rings = [
+            densify(r, max_segment, box) if line else r
+            for r, line in zip(rings, lines, strict=True)
+        ]
+        if sum(len(r) for r in rings) > MAX_VERTICES:
+            raise ValueError(_too_many_vertices(max_segment))
+    adaptive = [i for i, line in enumerate(lines) if line] if tolerance is not None else []
+    result: list[np.ndarray | None] = [None] * len(rings)
+    if adaptive:
+        dense = densify_mapped([rings[i] for i in adaptive], mapper, tolerance, box)
+        for i, (_, mapped) in zip(adaptive, dense, strict=True):
+            result[i] = mapped
+    plain = [i for i in range(len(rings)) if result[i] is None]
+    if plain:
+        sizes = [len(rings[i]) for i in plain]
+        mapped = mapper(np.concatenate([rings[i] for i in plain]))
+        for i, part in zip(plain, np.split(mapped, np.cumsum(sizes)[:-1]), strict=True):
+            result[i] = part
+    return result  # type: ignore[return-value]
 
 
 def _too_many_vertices(max_segment: float | None) -> str:
@@ -208,6 +285,103 @@ def densify(
             ts = np.unique(np.concatenate([ts, inner[(inner > 0) & (inner < 1)]]))
         pieces.append(line[i] + seg[i] * ts[:, None])
     return np.concatenate([*pieces, line[-1:]])
+
+
+def densify_mapped(
+    lines: list[np.ndarray],
+    mapper: PointMapper,
+    tolerance: float,
+    box: tuple[float, float, float, float] | None = None,
+    max_vertices: int = MAX_VERTICES,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Polylines ``(N, 2)`` densified where ``mapper`` bends them, with their mapped points:
+    ``[(points, mapped), ...]`` per line, in order.
+
+    The rule: every edge is first cut where it crosses ``box`` ``(x0, y0, x1, y1)`` (``None``:
+    no box); each piece over the box is split in half, recursively, while the mapping of a
+    probe at 1/4, 1/2 or 3/4 of it lies more than ``tolerance`` from the same fraction of the
+    chord between its mapped ends, the piece is longer than :data:`MIN_PIECE` px and has been
+    halved fewer than :data:`MAX_DEPTH` times. So the mapped polyline follows the mapped edge
+    to within ``tolerance`` wherever the probes see the bend (a field bends an edge smoothly
+    over its node spacing). Pieces off the box keep their ends only. Every level of all
+    lines is mapped in one ``mapper`` call. :class:`ValueError` past ``max_vertices`` points.
+    """
+    points = np.concatenate(lines)
+    owner = np.repeat(np.arange(len(lines)), [len(line) for line in lines])
+    edges = np.flatnonzero(owner[:-1] == owner[1:])  # edge e runs from points[e] to points[e+1]
+    start, seg = points[edges], points[edges + 1] - points[edges]
+    t0, t1 = _inside_span(start, seg, box)
+    over = t1 > t0
+    cuts = np.stack(
+        [
+            np.zeros(len(edges)),
+            np.where(over, np.clip(t0, 0, 1), 0),
+            np.where(over, np.clip(t1, 0, 1), 0),
+        ],
+        axis=1,
+    )
+    # the vertices: every input point (key = its index) and the box crossings (key = e + t)
+    keys = [np.arange(len(points), dtype=np.float64)]
+    inner = (cuts[:, 1:] > 0) & (cuts[:, 1:] < 1)
+    keys.append((edges[:, None] + cuts[:, 1:])[inner])
+    all_keys = np.unique(np.concatenate(keys))
+    xy = _at_keys(all_keys, points)
+    mapped = mapper(xy)
+    # the pieces over the box: [key_a, key_b] = e + [t0, t1]
+    ka = edges[over] + cuts[over, 1]
+    kb = edges[over] + cuts[over, 2]
+    keep = kb > ka
+    ka, kb = ka[keep], kb[keep]
+    found_keys, found_xy, found_mapped = [all_keys], [xy], [mapped]
+    ta, tb = _lookup(all_keys, mapped, ka), _lookup(all_keys, mapped, kb)
+    count = len(all_keys)
+    for _ in range(MAX_DEPTH):
+        if not len(ka):
+            break
+        pa, pb = _at_keys(ka, points), _at_keys(kb, points)
+        fractions = np.asarray(PROBES)
+        probes = pa[None] + fractions[:, None, None] * (pb - pa)[None]  # (3, n, 2)
+        probed = mapper(probes.reshape(-1, 2)).reshape(probes.shape)
+        chord = ta[None] + fractions[:, None, None] * (tb - ta)[None]
+        bend = np.linalg.norm(probed - chord, axis=2).max(axis=0)
+        split = (bend > tolerance) & (np.linalg.norm(pb - pa, axis=1) > MIN_PIECE)
+        if not split.any():
+            break
+        km = (ka[split] + kb[split]) / 2
+        tm = probed[list(PROBES).index(0.5)][split]
+        count += len(km)
+        if count > max_vertices:
+            raise ValueError(
+                f"more than {max_vertices} vertices after densifying to a tolerance of "
+                f"{tolerance} px (give a larger --tolerance)"
+            )
+        found_keys.append(km)
+        found_xy.append(_at_keys(km, points))
+        found_mapped.append(tm)
+        ka, kb = np.concatenate([ka[split], km]), np.concatenate([km, kb[split]])
+        ta, tb = np.concatenate([ta[split], tm]), np.concatenate([tm, tb[split]])
+    all_keys = np.concatenate(found_keys)
+    order = np.argsort(all_keys, kind="stable")
+    all_keys = all_keys[order]
+    xy, mapped = np.concatenate(found_xy)[order], np.concatenate(found_mapped)[order]
+    firsts = np.concatenate([[0], np.cumsum([len(line) for line in lines])])
+    bounds = np.searchsorted(all_keys, firsts[:-1], side="left")
+    ends = np.searchsorted(all_keys, firsts[1:] - 1, side="right")
+    return [(xy[a:b], mapped[a:b]) for a, b in zip(bounds, ends, strict=True)]
+
+
+def _at_keys(keys: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Positions of vertex keys ``e + t`` (``t`` in [0, 1)): ``points[e] + t (points[e+1] -
+    points[e])``; an integer key is the point itself."""
+    index = np.floor(keys).astype(np.int64)
+    frac = keys - index
+    nxt = np.minimum(index + 1, len(points) - 1)
+    return points[index] + frac[:, None] * (points[nxt] - points[index])
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``values`` at ``wanted`` keys, all among the sorted unique ``keys``."""
+    return values[np.searchsorted(keys, wanted)]
 
 
 def _inside_span(
@@ -310,7 +484,11 @@ def _excerpt(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _set_coordinates(geometry: dict[str, Any], path: tuple[int, ...], points: np.ndarray) -> None:
+def _set_coordinates(
+    geometry: dict[str, Any], path: tuple[int, ...], points: np.ndarray, decimals: int | None
+) -> None:
+    if decimals is not None:
+        points = np.round(points, decimals)
     values = [[float(x), float(y)] for x, y in points]
     kind = geometry["type"]
     if kind == "Point":

@@ -3,7 +3,8 @@ one for a path (:func:`open_backend`; the formats are listed in :mod:`wsireg.io.
 
 A backend knows its level shapes ``(H, W)`` and native tile sides, and reads an in-bounds region
 of a level as ``(h, w, 3)`` uint8 RGB, transparent or missing pixels composited on white
-(:func:`to_rgb_on_white`). :class:`wsireg.io.slide.Slide` is the only user.
+(:func:`to_rgb_on_white`). :class:`wsireg.io.slide.Slide` is the only user (a registered view,
+:mod:`wsireg.engine.view`, gives it a backend whose pixels are computed).
 """
 
 from __future__ import annotations
@@ -101,6 +102,30 @@ class TileCache:
                     _, old = self._tiles.popitem(last=False)
                     self._bytes -= old.nbytes
         return tile
+
+
+def read_tiles(
+    box: tuple[int, int, int, int],
+    tile: tuple[int, int],
+    channels: int,
+    get_tile: Callable[[int, int], np.ndarray],
+) -> np.ndarray:
+    """Pixels ``box = (y0, x0, h, w)`` (inside the grid) of a grid cut into ``tile = (th, tw)``
+    tiles (those of the last row and column may be short), assembled from ``get_tile(ty, tx)``
+    (the tile of row ``ty``, column ``tx``): ``(h, w, channels)`` uint8."""
+    y0, x0, h, w = box
+    th, tw = tile
+    out = np.empty((h, w, channels), np.uint8)
+    for ty in range(y0 // th, (y0 + h - 1) // th + 1):
+        for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
+            pixels = get_tile(ty, tx)
+            ay, ax = ty * th, tx * tw
+            sy0, sy1 = max(y0, ay), min(y0 + h, ay + pixels.shape[0])
+            sx0, sx1 = max(x0, ax), min(x0 + w, ax + pixels.shape[1])
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[
+                sy0 - ay : sy1 - ay, sx0 - ax : sx1 - ax
+            ]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,17 +233,12 @@ class _TiffBackend(Backend):
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         array = self._levels[level]
-        th, tw = array.chunks[:2]
-        out = np.empty((h, w, array.shape[2]), np.uint8)
-        for ty in range(y0 // th, (y0 + h - 1) // th + 1):
-            for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
-                tile = self._tiles.get((level, ty, tx), self._decode)
-                ay, ax = ty * th, tx * tw
-                sy0, sy1 = max(y0, ay), min(y0 + h, ay + tile.shape[0])
-                sx0, sx1 = max(x0, ax), min(x0 + w, ax + tile.shape[1])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
-                    sy0 - ay : sy1 - ay, sx0 - ax : sx1 - ax
-                ]
+        out = read_tiles(
+            (y0, x0, h, w),
+            array.chunks[:2],
+            array.shape[2],
+            lambda ty, tx: self._tiles.get((level, ty, tx), self._decode),
+        )
         return to_rgb_on_white(out)
 
     def _decode(self, key: tuple[int, int, int]) -> np.ndarray:

@@ -9,8 +9,13 @@ level is checked by :func:`wsireg.io.slide.check_level`; the output's pixel size
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
+
+from wsireg.errors import SlideError
+from wsireg.io.extras import SlideExtras
 from wsireg.io.ngff import DEFAULT_ZARR_LAYOUT, ZarrLayout, write_ome_zarr
 from wsireg.io.output import check_output, check_output_path
 from wsireg.io.slide import Slide, check_level, open_slide
@@ -44,21 +49,71 @@ def convert(
     """Write ``level`` of ``slide`` (a slide or its path) to ``out``; returns ``out``.
 
     An existing ``out`` is refused before the slide is opened (unless ``overwrite``). An
-    OME-Zarr output is laid out as ``zarr_layout`` and named after the slide file; an OME-TIFF
-    as ``tiff_layout``. A slide given as a path is opened here and closed at the end.
+    OME-Zarr output is laid out as ``zarr_layout``, an OME-TIFF as ``tiff_layout``; either is
+    named after the slide file and keeps its associated images and vendor properties
+    (:func:`slide_extras`, stored as :mod:`wsireg.io.extras` says). A slide given as a path is
+    opened here and closed at the end.
     """
     out = check_output(out, overwrite)
     with _opened(slide) as opened:
         check_output_path(out, [opened.path])
         check_level(opened.path, level, opened.level_count)
         image = opened.level(level)
-        mpp = opened.level_mpp(level)
+        mpp, name, extras = opened.level_mpp(level), Path(opened.path).name, slide_extras(opened)
         if output_format(out, fmt) == "ome-tiff":
-            write_ome_tiff(image, out, layout=tiff_layout, mpp=mpp, overwrite=overwrite)
+            write_ome_tiff(
+                image,
+                out,
+                layout=tiff_layout,
+                mpp=mpp,
+                name=name,
+                extras=extras,
+                overwrite=overwrite,
+            )
         else:
-            name = Path(opened.path).name
-            write_ome_zarr(image, out, layout=zarr_layout, mpp=mpp, name=name, overwrite=overwrite)
+            write_ome_zarr(
+                image,
+                out,
+                layout=zarr_layout,
+                mpp=mpp,
+                name=name,
+                extras=extras,
+                overwrite=overwrite,
+            )
     return out
+
+
+def slide_extras(slide: Slide) -> SlideExtras:
+    """The associated images (read when the writer asks, after the pyramid; a failed read is a
+    :class:`~wsireg.errors.SlideError` naming the slide) and the vendor properties of
+    ``slide``."""
+    properties = {str(k): str(v) for k, v in slide.properties.items()}
+    return SlideExtras(_AssociatedImages(slide), properties)
+
+
+class _AssociatedImages(Mapping[str, np.ndarray]):
+    """The associated images of a slide, read on access; errors name the slide."""
+
+    def __init__(self, slide: Slide) -> None:
+        self._slide = slide
+        self._names = list(slide.associated_images)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return np.asarray(self._slide.associated_images[name])
+        except SlideError:
+            raise
+        except Exception as exc:  # a reader's own error type: named as the slide's
+            raise SlideError(
+                self._slide.path,
+                f"cannot read the associated image {name!r}: {type(exc).__name__}: {exc}",
+            ) from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _opened(slide: Slide | str | Path) -> contextlib.AbstractContextManager[Slide]:

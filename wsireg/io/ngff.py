@@ -34,12 +34,13 @@ import dask.array as da
 import numpy as np
 import numpy.typing as npt
 import zarr
-from numcodecs import Blosc
+from numcodecs import Blosc, GZip
 from numcodecs.abc import Codec
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from wsireg.core.coords import micrometres_per
+from wsireg.io.extras import ASSOCIATED_GROUP, SlideExtras, checked_picture, group_name
 from wsireg.io.output import staged_output
 from wsireg.io.pyramid import METHODS, downsample2, halved_shapes, level_shapes
 from wsireg.progress import dask_progress
@@ -48,6 +49,9 @@ from wsireg.progress import dask_progress
 Compressor = Codec | BytesBytesCodec
 
 NGFF_VERSIONS = ("0.4", "0.5")
+#: Lossless chunk compressions by name: ``zstd`` (Blosc zstd, :func:`default_compressor`),
+#: ``zlib`` (gzip level 6) and ``none``.
+ZARR_COMPRESSIONS = ("zstd", "zlib", "none")
 TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 
@@ -59,19 +63,24 @@ class ZarrLayout:
     ``chunk``: side of the spatial chunks (px). ``levels``: how many levels (``None``: halve
     until the top level fits in one chunk of at most 512 px,
     :func:`wsireg.io.pyramid.level_shapes`). ``ngff_version``: ``"0.4"`` (zarr v2 with ``/``
-    chunk keys) or ``"0.5"`` (zarr v3). ``compressor``: a numcodecs codec (0.4) or a zarr v3
-    bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated); ``None`` for
-    :func:`default_compressor`.
+    chunk keys) or ``"0.5"`` (zarr v3). ``compression``: one of :data:`ZARR_COMPRESSIONS`
+    (:func:`named_compressor`). ``compressor``: an explicit codec instead, a numcodecs codec
+    (0.4) or a zarr v3 bytes-to-bytes codec (0.5; numcodecs Blosc/Zstd/GZip are translated).
     """
 
     chunk: int = 1024
     levels: int | None = None
     ngff_version: str = "0.4"
     compressor: Compressor | None = None
+    compression: str = "zstd"
 
     def __post_init__(self) -> None:
         if self.chunk < 16:
             raise ValueError(f"chunk must be at least 16 px, not {self.chunk}")
+        if self.compression not in ZARR_COMPRESSIONS:
+            raise ValueError(
+                f"unknown OME-Zarr compression {self.compression!r}; use one of {ZARR_COMPRESSIONS}"
+            )
         if self.levels is not None and self.levels < 1:
             raise ValueError(f"levels must be at least 1, not {self.levels}")
 
@@ -167,6 +176,20 @@ def default_compressor(ngff_version: str = "0.4") -> Compressor:
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
+def named_compressor(compression: str, ngff_version: str = "0.4") -> Compressor | None:
+    """The codec of a compression in :data:`ZARR_COMPRESSIONS` for ``ngff_version`` (``None``
+    for ``"none"``: chunks stored raw)."""
+    if compression == "zstd":
+        return default_compressor(ngff_version)
+    if compression == "zlib":
+        return GZip(level=6) if ngff_version == "0.4" else GzipCodec(level=6)
+    if compression == "none":
+        return None
+    raise ValueError(
+        f"unknown OME-Zarr compression {compression!r}; use one of {ZARR_COMPRESSIONS}"
+    )
+
+
 def create_ome_zarr(
     path: str | Path,
     shape_yx: tuple[int, int],
@@ -189,8 +212,9 @@ def create_ome_zarr(
     dtype = np.dtype(dtype)
     zarr_format = 2 if ngff_version == "0.4" else 3
     compressor = layout.compressor
-    compressor = default_compressor(ngff_version) if compressor is None else compressor
-    if zarr_format == 3:
+    if compressor is None:
+        compressor = named_compressor(layout.compression, ngff_version)
+    if zarr_format == 3 and compressor is not None:
         compressor = _as_v3_codec(compressor)
     group = zarr.open_group(str(path), mode="w-", zarr_format=zarr_format)
     fill = 255 if (channels == 3 and dtype == np.uint8) else 0
@@ -260,11 +284,13 @@ def write_ome_zarr(
     mpp: tuple[float, float] | None = None,
     name: str | None = None,
     downsample_method: str = "mean",
+    extras: SlideExtras | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``image`` (``(H, W, C)``, dask or numpy) as a multiscale OME-Zarr at ``path``.
 
-    See :func:`create_ome_zarr` for the layout. The output is staged under ``.NAME.partial``
+    See :func:`create_ome_zarr` for the layout; ``extras`` (associated images, vendor
+    properties) as :func:`write_extras`. The output is staged under ``.NAME.partial``
     and renamed into place at the end; an existing ``path`` is replaced only with
     ``overwrite``. Returns ``path``.
     """
@@ -277,7 +303,34 @@ def write_ome_zarr(
         )
         write_level0(group, image)
         fill_pyramid(group, downsample_method)
+        if extras is not None:
+            write_extras(group, extras, layout)
     return path
+
+
+def write_extras(group: zarr.Group, extras: SlideExtras, layout: ZarrLayout) -> None:
+    """Store ``extras`` in the image ``group`` (:mod:`wsireg.io.extras`): each associated image
+    a one-level multiscale image ``associated/NAME`` (one chunk, ``layout``'s compression and
+    NGFF version), and the root attributes ``vendor_properties`` and ``associated_images``
+    (name -> group path)."""
+    paths: dict[str, str] = {}
+    if extras.associated:
+        holder = group.create_group(ASSOCIATED_GROUP)
+        for name, image in extras.associated.items():
+            picture = checked_picture(name, image)
+            h, w = picture.shape[:2]
+            one_chunk = ZarrLayout(
+                chunk=max(16, h, w),
+                levels=1,
+                ngff_version=layout.ngff_version,
+                compressor=layout.compressor,
+                compression=layout.compression,
+            )
+            store = Path(str(holder.store.root)) / holder.path / group_name(name)
+            image = create_ome_zarr(store, (h, w), 3, np.uint8, layout=one_chunk, name=name)
+            level_arrays(image)[0][:] = np.moveaxis(picture, -1, 0)
+            paths[name] = f"{ASSOCIATED_GROUP}/{group_name(name)}"
+    group.attrs.update({"vendor_properties": dict(extras.properties), "associated_images": paths})
 
 
 def level_arrays(group: zarr.Group) -> list[zarr.Array]:

@@ -72,11 +72,16 @@ class Slide:
     def __init__(self, path: str | Path, backend: str | None = None) -> None:
         self.path = Path(path)
         self._backend_choice = backend
-        self._backend: Backend = open_backend(self.path, backend)
-        if not self._backend.level_shapes or min(self._backend.level_shapes[0]) <= 0:
-            shape = self._backend.level_shapes[0] if self._backend.level_shapes else ()
-            self._backend.close()
+        self._attach(open_backend(self.path, backend))
+
+    def _attach(self, backend: Backend) -> None:
+        """Read pixels and metadata from ``backend`` (closed and refused if it has no size).
+        A subclass whose pixels are computed (a registered view) attaches its own."""
+        if not backend.level_shapes or min(backend.level_shapes[0]) <= 0:
+            shape = backend.level_shapes[0] if backend.level_shapes else ()
+            backend.close()
             raise SlideError(self.path, f"image has zero size {shape}")
+        self._backend: Backend = backend
 
     # -- OpenSlide-like face ---------------------------------------------------------------
     @property
@@ -200,8 +205,12 @@ class Slide:
             asarray=True,
             lock=False,
             fancy=False,
-            name=f"slide-{_token(self.path)}-level{level}",
+            name=f"slide-{self._dask_token()}-level{level}",
         )
+
+    def _dask_token(self) -> str:
+        """What names this slide's pixels in dask keys: the file (path, size, mtime)."""
+        return _token(self.path)
 
     def close(self) -> None:
         self._backend.close()

@@ -28,6 +28,7 @@ import zarr
 from numcodecs import Blosc
 from tqdm import tqdm
 
+from wsireg.io.extras import PROPERTIES_NAMESPACE, SlideExtras, checked_picture
 from wsireg.io.ngff import (
     ZarrLayout,
     as_dask_image,
@@ -72,6 +73,8 @@ def write_ome_tiff(
     layout: TiffLayout = DEFAULT_TIFF_LAYOUT,
     mpp: tuple[float, float] | None = None,
     levels: int | None = None,
+    name: str | None = None,
+    extras: SlideExtras | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``image`` (``(H, W, 3)`` uint8 RGB) as a tiled pyramidal OME-TIFF with SubIFDs.
@@ -80,7 +83,8 @@ def write_ome_tiff(
     levels) is first built out of core as a temporary zarr (zstd level 1, chunks of one tile)
     in a hidden directory beside ``path``, then streamed into the TIFF by
     :func:`write_ome_tiff_levels`. Physical pixel sizes go into the OME-XML when ``mpp`` is
-    known. Staged like every output; an existing ``path`` is replaced only with ``overwrite``.
+    known; ``name`` and ``extras`` as :func:`write_ome_tiff_levels`. Staged like every
+    output; an existing ``path`` is replaced only with ``overwrite``.
     """
     image = as_dask_image(image, layout.tile)
     if image.shape[2] != 3 or image.dtype != np.uint8:
@@ -98,7 +102,13 @@ def write_ome_tiff(
         write_level0(group, image)
         fill_pyramid(group)
         return write_ome_tiff_levels(
-            level_arrays(group), path, layout=layout, mpp=mpp, overwrite=overwrite
+            level_arrays(group),
+            path,
+            layout=layout,
+            mpp=mpp,
+            name=name,
+            extras=extras,
+            overwrite=overwrite,
         )
 
 
@@ -108,6 +118,8 @@ def write_ome_tiff_levels(
     *,
     layout: TiffLayout = DEFAULT_TIFF_LAYOUT,
     mpp: tuple[float, float] | None = None,
+    name: str | None = None,
+    extras: SlideExtras | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Stream an existing pyramid into a tiled OME-TIFF with SubIFDs, tile by tile.
@@ -115,8 +127,10 @@ def write_ome_tiff_levels(
     ``levels`` are ``(3, H_k, W_k)`` uint8 arrays at downsample ``2**k`` (e.g. the levels of an
     OME-Zarr written here, from :func:`wsireg.io.ngff.read_ome_zarr_levels`); any chunking
     works. Tiles are read in groups of 16 one group ahead and encoded by tifffile in two
-    threads, at most 64 MiB of raw tiles at a time. Options as :func:`write_ome_tiff`; staged
-    output.
+    threads, at most 64 MiB of raw tiles at a time. The pyramid is OME ``Image`` 0, named
+    ``name``; ``extras`` (:mod:`wsireg.io.extras`) adds the vendor properties as its
+    ``MapAnnotation`` and each associated image as one more ``Image`` of its own name (one
+    level, zlib). Options as :func:`write_ome_tiff`; staged output.
     """
     _check_layout(layout)
     options = _tiff_options(layout)
@@ -127,7 +141,7 @@ def write_ome_tiff_levels(
     ):
         for k, array in enumerate(levels):
             extra: dict[str, Any] = (
-                {"subifds": len(levels) - 1, "metadata": _ome_metadata(mpp)}
+                {"subifds": len(levels) - 1, "metadata": _ome_metadata(mpp, name, extras)}
                 if k == 0
                 else {"subfiletype": 1, "metadata": None}
             )
@@ -144,7 +158,20 @@ def write_ome_tiff_levels(
                     **options,
                     **extra,
                 )
+        if extras is not None:
+            _write_associated(tif, extras)
     return Path(path)
+
+
+def _write_associated(tif: tifffile.TiffWriter, extras: SlideExtras) -> None:
+    """Each associated image one more OME ``Image`` (series) of its own name, zlib."""
+    for name, picture in extras.associated.items():
+        tif.write(
+            checked_picture(name, picture),
+            photometric="rgb",
+            compression="zlib",
+            metadata={"axes": "YXS", "Name": name},
+        )
 
 
 def _check_layout(layout: TiffLayout) -> None:
@@ -167,8 +194,17 @@ def _tiff_options(layout: TiffLayout) -> dict[str, Any]:
     return options
 
 
-def _ome_metadata(mpp: tuple[float, float] | None) -> dict[str, Any]:
+def _ome_metadata(
+    mpp: tuple[float, float] | None, name: str | None, extras: SlideExtras | None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"axes": "YXS"}
+    if name is not None:
+        meta["Name"] = name
+    if extras is not None and extras.properties:
+        meta["MapAnnotation"] = {
+            "Namespace": PROPERTIES_NAMESPACE,
+            "Value": {str(k): str(v) for k, v in extras.properties.items()},
+        }
     if mpp is not None:
         meta.update(
             PhysicalSizeX=float(mpp[0]),

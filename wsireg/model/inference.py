@@ -35,8 +35,11 @@ __all__ = [
     "PatchCounts",
     "TissuePatches",
     "FLIP_SETS",
+    "PRECISIONS",
+    "check_precision",
     "flip_averaged",
     "inference_settings",
+    "network_dtype",
     "register_level",
     "register_pyramid",
 ]
@@ -61,6 +64,41 @@ FLIP_SETS: dict[int, tuple[Flip, ...]] = {
 }
 """The flips of :func:`flip_averaged` by count: spatial dims flipped, and the sign of the
 field's (x, y) components in the flipped frame."""
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+"""What the networks compute in at inference (:func:`network_dtype`)."""
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX instructions (elsewhere bfloat16 is emulated, slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` naming them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def network_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the networks' arithmetic for ``precision`` (:data:`PRECISIONS`) on
+    ``device``: ``"auto"`` is bfloat16 where the device computes it natively
+    (:func:`native_bfloat16`), else float32. Weights and fields stay float32 (autocast);
+    bfloat16 keeps about 3 significant digits of each prediction (its effect on accuracy and
+    speed: ``wsireg/weights/README.md``)."""
+    if check_precision(precision) == "bfloat16" or (
+        precision == "auto" and native_bfloat16(device)
+    ):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -91,9 +129,15 @@ class InferenceSettings:
     and averages out noise, at ``flips`` times the network time (its effect:
     ``benchmarks/anhir_accuracy.py --set flips=N``)."""
 
+    precision: str = "auto"
+    """The networks' arithmetic (:data:`PRECISIONS`, :func:`network_dtype`): ``"auto"``
+    (bfloat16 where the device computes it natively, else float32), ``"float32"`` (the same
+    numbers on every machine) or ``"bfloat16"``."""
+
     def __post_init__(self) -> None:
         if self.flips not in FLIP_SETS:
             raise ValueError(f"flips must be 1, 2 or 4, not {self.flips!r}")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in a model's metadata under ``"inference"``)."""
@@ -105,6 +149,7 @@ class InferenceSettings:
             "representation": self.representation,
             "smoothing": self.smoothing,
             "flips": self.flips,
+            "precision": self.precision,
         }
 
 
@@ -156,6 +201,8 @@ class TissuePatches:
     group: int
     flips: int = 1
     counts: PatchCounts | None = None
+    dtype: torch.dtype = torch.float32
+    """The networks' arithmetic (autocast; the predictions are returned as float32)."""
 
     def __call__(self, moving: Tensor, fixed: Tensor, v: Tensor) -> Tensor:
         keep = has_tissue(moving) | has_tissue(fixed)
@@ -171,9 +218,11 @@ class TissuePatches:
         return preds
 
     def _predict(self, moving: Tensor, fixed: Tensor) -> Tensor:
-        if self.flips > 1:
-            return flip_averaged(self.net, moving, fixed, self.flips)
-        return self.net(moving, fixed)
+        low = self.dtype != torch.float32
+        with torch.autocast(moving.device.type, dtype=self.dtype, enabled=low):
+            if self.flips > 1:
+                return flip_averaged(self.net, moving, fixed, self.flips).float()
+            return self.net(moving, fixed).float()
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -193,7 +242,7 @@ def register_level(
         moving: ``(N, C, H, W)`` moving image in the network representation, already warped by
             the field of the coarser levels.
         fixed: ``(N, C, H, W)`` fixed image, same size.
-        settings: ``M``, ``P``, ``S``, ``G``, the smoothing and flip averaging (its
+        settings: ``M``, ``P``, ``S``, ``G``, the smoothing, flip averaging and precision (its
             ``representation`` is the caller's business: the images are already converted).
         counts: optional tally of the patches run and skipped as background (a patch blank on
             both sides keeps a zero displacement).
@@ -205,7 +254,8 @@ def register_level(
     if moving.shape != fixed.shape:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} differ")
     device = next(net.parameters()).device
-    predict = TissuePatches(net, settings.group, settings.flips, counts)
+    dtype = network_dtype(settings.precision, device)
+    predict = TissuePatches(net, settings.group, settings.flips, counts, dtype)
     v = level_field(
         moving.to(device),
         fixed.to(device),

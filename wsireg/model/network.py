@@ -281,7 +281,9 @@ class MultiLevelModel(nn.Module):
     def load(
         cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True
     ) -> MultiLevelModel:
-        """Load a model written by :meth:`save`, in eval mode on ``device``.
+        """Load a model written by :meth:`save`, in eval mode on ``device``, its weights held
+        channels-last (NHWC): the same numbers (to float rounding) through faster convolution
+        kernels (``benchmarks/network_speed.py``).
 
         With ``verify`` (default) the file's sha256 must match its sidecar; a missing sidecar,
         a mismatch, or a file that is not a wsireg model raise :class:`WeightsError`. Never
@@ -301,7 +303,7 @@ class MultiLevelModel(nn.Module):
             model.load_state_dict(payload["state_dict"])
         except Exception as exc:  # any failure means "not a usable wsireg model"
             raise WeightsError(path, f"not a wsireg model file ({exc})") from exc
-        return model.to(resolve_device(device)).eval()
+        return model.to(resolve_device(device), memory_format=torch.channels_last).eval()
 
 
 def checksum_path(path: str | Path) -> Path:

@@ -230,7 +230,7 @@ class TrainConfig:
     def passes(self) -> InferenceSettings:
         """Algorithm 1's settings of the training passes: the inference ``M`` and
         representation with the training ``P``, ``S``, ``G``, never smoothed nor
-        flip-averaged."""
+        flip-averaged, in float32."""
         return replace(
             self.inference,
             patch=self.step.patch,
@@ -238,6 +238,7 @@ class TrainConfig:
             group=self.step.group,
             smoothing=0.0,
             flips=1,
+            precision="float32",
         )
 
     def to_dict(self) -> dict[str, Any]:

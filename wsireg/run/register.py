@@ -5,6 +5,7 @@ slide and writes, in the directory ``out``::
 
     transform/          the transform (wsireg.engine.transform format): T(x) = A (x + u(x))
     warped.ome.zarr     the source warped into target space (level ``warp_level``), a pyramid
+                        (``warped.ome.tif`` with ``fmt="ome-tiff"``, :func:`warped_name`)
     qc/                 target.png, checkerboard-*.png and overlay-*.png before / affine / final
     report.json         inputs, outputs, parameters, timings per stage, peak RSS, device, the
                         similarity before / after the affine / final (:func:`similarity_report`),
@@ -77,7 +78,20 @@ MAX_UNKNOWN_SCALE = 1.5
 MIN_SIMILARITY = 0.15
 MIN_TISSUE_OVERLAP = 0.5
 #: The parts of a register output.
-TRANSFORM, WARPED, QC, REPORT = "transform", "warped.ome.zarr", "qc", "report.json"
+TRANSFORM, QC, REPORT = "transform", "qc", "report.json"
+#: The name of the warped source in each output format (:data:`wsireg.io.convert.FORMATS`).
+WARPED = {"ome-zarr": "warped.ome.zarr", "ome-tiff": "warped.ome.tif"}
+
+
+#: The fields of :class:`~wsireg.engine.warp.WarpOptions` that :func:`register` takes.
+WARPED_OPTIONS = ("fmt", "ngff_version")
+
+
+def warped_name(fmt: str) -> str:
+    """The name of the warped source of a register output written as ``fmt``."""
+    if fmt not in WARPED:
+        raise ValueError(f"format must be one of {tuple(WARPED)}, not {fmt!r}")
+    return WARPED[fmt]
 
 
 @dataclass
@@ -108,17 +122,24 @@ def register(
     ``overwrite`` replaces an existing ``out``; ``resume`` continues a killed run into ``out``
     (of the same inputs and options, else :class:`~wsireg.errors.OutputError`). The quality
     gate (:func:`quality_gate`) is reported in ``report.json``; with ``strict`` an implausible
-    registration is a :class:`QualityError` and nothing is written.
+    registration is a :class:`QualityError` and nothing is written. The keywords
+    :data:`WARPED_OPTIONS` of :class:`wsireg.engine.warp.WarpOptions` say how the warped
+    source is written: ``fmt="ome-zarr"`` (``warped.ome.zarr``, the default) of OME-NGFF
+    ``ngff_version="0.4"`` or ``"0.5"``, or ``fmt="ome-tiff"`` (``warped.ome.tif``).
     """
     options = take_overrides(options or RegisterOptions(), overrides)
+    warp_options = warped_options(options, overrides)
     no_overrides_left("register", overrides)
+    fmt = warp_options.fmt
     out = Path(out)
     timings = _Timings()
     source_slide, target_slide = open_slide(source), open_slide(target)
     check_options(options, target_slide)
     device = str(resolve_device(options.device))
     model, weights = _load_model(options, device)
-    fingerprint = run_fingerprint(source_slide, target_slide, options, device, weights)
+    fingerprint = run_fingerprint(
+        source_slide, target_slide, options, device, weights, warp_options
+    )
     staging = staged_output(
         out, overwrite, resume, fingerprint=fingerprint, inputs=(source, target)
     )
@@ -137,12 +158,13 @@ def register(
             transform.write_document(stage / TRANSFORM)
         if settings.warp_level is not None:
             with timings.measure("warp_s"):
-                _warp(transform, source_slide, stage / WARPED, options, resume)
+                path = stage / warped_name(fmt)
+                _warp(transform, source_slide, path, warp_options, options.threads, resume)
         with timings.measure("qc_s"), stage_progress("quality control"):
             similarity, quality = _quality_control(stage / QC, slides, alignment, transform)
         timings.finish()
         report = _report(source_slide, target_slide, settings, alignment, levels, similarity)
-        report["outputs"] = output_paths(out, settings.warp_level is not None)
+        report["outputs"] = output_paths(out, fmt if settings.warp_level is not None else None)
         report["quality"] = quality
         if strict and not report["quality"]["plausible"]:
             raise QualityError(out, quality_warning(report["quality"]))
@@ -153,18 +175,25 @@ def register(
         (stage / REPORT).write_text(json.dumps(report, indent=2))
         remove(work)
     out = out.resolve()
-    warped = out / WARPED if settings.warp_level is not None else None
+    warped = out / warped_name(fmt) if settings.warp_level is not None else None
     return Result(out, Transform.load(out / TRANSFORM), warped, report)
 
 
-def output_paths(out: Path, warped: bool) -> dict[str, str | None]:
-    """Absolute paths of the parts of the register output ``out`` (``warped``: ``None``
-    when it is not written)."""
+def warped_options(options: RegisterOptions, overrides: dict[str, Any]) -> WarpOptions:
+    """The options of the warped source: level ``options.warp_level`` and the keywords of
+    :data:`WARPED_OPTIONS` taken out of ``overrides``."""
+    chosen = {name: overrides.pop(name) for name in WARPED_OPTIONS if name in overrides}
+    return WarpOptions(level=options.warp_level, **chosen)
+
+
+def output_paths(out: Path, warped_format: str | None) -> dict[str, str | None]:
+    """Absolute paths of the parts of the register output ``out`` (``warped``: the warped
+    source in ``warped_format``, ``None`` when it is not written)."""
     out = Path(out).resolve()
     return {
         "folder": str(out),
         "transform": str(out / TRANSFORM),
-        "warped": str(out / WARPED) if warped else None,
+        "warped": str(out / warped_name(warped_format)) if warped_format else None,
         "qc": str(out / QC),
         "report": str(out / REPORT),
     }
@@ -250,14 +279,18 @@ def run_fingerprint(
     options: RegisterOptions,
     device: str,
     weights: dict[str, str] | None,
+    warp_options: WarpOptions | None = None,
 ) -> dict[str, Any]:
     """What a registration's result depends on: the slides' identities (path, file size,
     level-0 size, mpp), every option but :data:`UNFINGERPRINTED` (the device resolved), the
-    weights' sha256 and wsireg's version. Stored with the staged output and in
-    ``report.json``; ``resume`` refuses a staged output of another run
-    (:func:`wsireg.io.output.check_fingerprint`)."""
+    warped source's format and NGFF version (``warp_options``, default
+    :class:`~wsireg.engine.warp.WarpOptions`), the weights' sha256 and wsireg's version.
+    Stored with the staged output and in ``report.json``; ``resume`` refuses a staged output
+    of another run (:func:`wsireg.io.output.check_fingerprint`)."""
     chosen = {k: v for k, v in options.to_json().items() if k not in UNFINGERPRINTED}
     chosen["device"] = device
+    warp_options = warp_options or WarpOptions()
+    chosen["warped_format"] = {"fmt": warp_options.fmt, "ngff_version": warp_options.ngff_version}
     return {
         "wsireg": __version__,
         "source": slide_identity(source),
@@ -395,14 +428,19 @@ def _estimate(
 
 
 def _warp(
-    transform: Transform, source: Slide, path: Path, options: RegisterOptions, resume: bool
+    transform: Transform,
+    source: Slide,
+    path: Path,
+    options: WarpOptions,
+    threads: int | None,
+    resume: bool,
 ) -> None:
     warp(
         transform,
         source,
         path,
-        WarpOptions(level=options.warp_level),
-        execution=Execution(threads=options.threads),
+        options,
+        execution=Execution(threads=threads),
         overwrite=True,
         resume=resume,
     )

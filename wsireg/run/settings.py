@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from wsireg.engine.scheduler import SchedulerSettings
 from wsireg.engine.transform import SlideRef
 from wsireg.engine.warp import check_output_level
 from wsireg.io.slide import Slide, check_level
-from wsireg.model.inference import inference_settings
+from wsireg.model.inference import check_precision, inference_settings, network_dtype
 from wsireg.model.network import MultiLevelModel
 from wsireg.model.refine import RefineSettings
 
@@ -65,7 +66,10 @@ class RegisterOptions:
     each on real and synthetic pairs is measured by ``benchmarks/anhir_accuracy.py`` and
     ``benchmarks/network_accuracy.py`` (README).
     ``flips``: average the networks' predictions over 1, 2 or 4 flips of each patch
-    (default: the model's setting). ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    (default: the model's setting). ``precision``: the networks' arithmetic, ``"auto"``
+    (bfloat16 where the device computes it natively, else float32; the default),
+    ``"float32"`` or ``"bfloat16"`` (:func:`wsireg.model.inference.network_dtype`).
+    ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     ``warp_level``: target level of ``warped.ome.zarr``; ``write_warped=False`` skips it.
     ``threads``: threads of the warp (default: the CPU count).
     """
@@ -79,6 +83,7 @@ class RegisterOptions:
     refine: int | None = None
     weights: str | Path | None = "default"
     flips: int | None = None
+    precision: str | None = None
     device: str = "auto"
     warp_level: int = 0
     write_warped: bool = True
@@ -95,6 +100,8 @@ class RegisterOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"option {name} must be True or False, not {value!r}")
+        if self.precision is not None:
+            check_precision(self.precision)
 
     @property
     def uses_networks(self) -> bool:
@@ -144,10 +151,19 @@ class RegistrationSettings:
             "block": s.block,
             "smoothing": s.inference.smoothing,
             "flips": s.inference.flips,
+            "precision": s.inference.precision,
+            "network_dtype": self.network_dtype,
             "refine": asdict(s.refine),
             "finest_downsample": s.finest_downsample,
             "warp_level": self.warp_level,
         }
+
+    @property
+    def network_dtype(self) -> str:
+        """What the networks computed in on this pair's device (``"float32"``,
+        ``"bfloat16"``)."""
+        dtype = network_dtype(self.scheduler.inference.precision, torch.device(self.device))
+        return str(dtype).removeprefix("torch.")
 
     def _algorithm(self) -> dict[str, int]:
         """Algorithm 1's N, M, P, S, G."""
@@ -178,6 +194,7 @@ def resolve_settings(
         stride=options.stride or None,
         group=options.group or None,
         flips=options.flips,
+        precision=options.precision,
     )
     steps = options.refine
     if steps is None:
