@@ -25,8 +25,53 @@ from wsireg.progress import set_quiet
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+#: The headings of ``--help`` and the options under each (by parameter name); options of a
+#: verb not named here are listed under "Other options".
+OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Output", ("out", "out_dir", "json_out", "fmt", "ngff_version", "warp_level", "no_warp",
+                "level", "interpolation", "chunk", "tile", "compression", "reference")),
+    ("Algorithm 1 (the networks)", ("weights", "levels", "iterations", "patch", "stride",
+                                    "group", "flips", "precision")),
+    ("Instance optimisation", ("refine",)),
+    ("Where it runs", ("device", "scheduler", "workers", "threads", "gpu_resources")),
+    ("Training data", ("sources", "sections", "section_gap", "slides_dir", "crop",
+                       "max_displacement", "stain_changes", "representation", "section_change",
+                       "content_change")),
+    ("Training", ("epochs", "steps_per_epoch", "batch", "train_groups", "alpha", "lr",
+                  "lr_decay", "stain_loss", "supervision", "supervision_epochs", "similarity",
+                  "init_weights", "seed")),
+    ("Runs", ("resume", "overwrite", "strict", "quiet", "help")),
+)  # fmt: skip
+
+
+class GroupedCommand(click.Command):
+    """A verb whose ``--help`` lists its options under the headings of
+    :data:`OPTION_GROUPS`, in that order (headings without options of the verb left out)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {
+            param.name: record
+            for param in self.get_params(ctx)
+            if isinstance(param, click.Option) and (record := param.get_help_record(ctx))
+        }
+        listed: set[str | None] = set()
+        for heading, names in OPTION_GROUPS:
+            rows = [records[name] for name in names if name in records]
+            listed.update(name for name in names if name in records)
+            if rows:
+                with formatter.section(heading):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if name not in listed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+
 class _Group(click.Group):
-    """Turns every error into one line on stderr and a non-zero exit."""
+    """Turns every error into one line on stderr and a non-zero exit; its verbs list their
+    options by heading (:class:`GroupedCommand`)."""
+
+    command_class = GroupedCommand
 
     def main(  # type: ignore[override]
         self,

@@ -55,3 +55,18 @@ def progress_reports_on():
     set_quiet(False)
     yield
     set_quiet(False)
+
+
+@pytest.fixture(autouse=True)
+def no_dask_client_left_behind():
+    """A test leaves dask's default scheduler as it found it: a dask.distributed client it
+    started is closed (else every later ``.compute()`` of the process goes to a dead client)."""
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    yield
+    after = dask.config.get("scheduler", None)
+    if after != before:
+        dask.config.refresh()  # drop what leaked (the defaults are re-read), for later tests
+        dask.config.set(scheduler=before)
+        pytest.fail(f"dask's default scheduler left as {after!r} (was {before!r})")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from wsireg.progress import LOG_LINE
@@ -85,6 +86,15 @@ def test_every_verb_has_an_example_in_its_help(run_cli) -> None:
         examples = result.output.split("Examples:", 1)
         assert len(examples) == 2, f"wsireg {name} --help has no example"
         assert f"wsireg {name}" in examples[1], name
+        if isinstance(cli.commands[name], click.Group):
+            continue  # `wsireg transform`: its verbs have their own help
+        # options listed under headings; every option of the verb under one of them
+        headings = [line[:-1] for line in result.output.splitlines() if line.endswith(":")]
+        assert "Runs" in headings and "Options" not in headings, (name, headings)
+        listed = result.output.split("Examples:", 1)[0]
+        for param in cli.commands[name].params:
+            if isinstance(param, click.Option):
+                assert param.opts[-1] in listed, (name, param.opts)
 
 
 def test_train_needs_an_explicit_slides_folder(run_cli, tmp_path: Path, monkeypatch) -> None:

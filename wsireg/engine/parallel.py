@@ -123,10 +123,17 @@ def connect(address: str) -> Client:
     """A client of the dask.distributed scheduler at ``address``; a one-line
     :class:`~wsireg.errors.WsiregError` naming it when it does not answer within
     :data:`CONNECT_TIMEOUT_S` seconds (or is no address)."""
+    import dask
     from distributed import Client
 
+    default = dask.config.get("scheduler", None)
     try:
-        return Client(address, timeout=CONNECT_TIMEOUT_S)
+        try:
+            return Client(address, timeout=CONNECT_TIMEOUT_S)
+        except BaseException:
+            # a Client that failed to connect may already have made itself dask's default
+            dask.config.set(scheduler=default)
+            raise
     except OSError as exc:  # refused, unknown host, timed out
         raise WsiregError(
             f"{address}: cannot connect to the dask scheduler ({error_line(exc)})"
