@@ -62,6 +62,11 @@ def check_named_report(report: dict, out: Path, pair: dict) -> None:
     assert similarity["thumbnail_downsample"] > 0
     assert all(-1 <= similarity[name] <= 1 for name in ("before", "affine", "final"))
     assert similarity["final"] == report["quality"]["similarity"]
+    # the field's deformation: no folding on a plausible pair, the grid picture in qc/
+    deformation = report["quality"]["deformation"]
+    assert deformation["folding_share"] == 0.0 and deformation["grid_spacing_px"] > 0
+    assert Path(deformation["grid_picture"]) == (out / "qc" / "deformation-grid.png").resolve()
+    assert Path(deformation["grid_picture"]).is_file()
     text = json.dumps(report)
     assert text.count("similarity_before") == 0 and "similarity_after" not in text
     steps = report["pyramid"]

@@ -210,3 +210,35 @@ def test_coarse_output_reads_a_strided_field() -> None:
     exact = T.map_points(pts, "target_to_source")
     inside = (pts[:, 0] < 3990) & (pts[:, 1] < 2990)
     assert np.abs(coarse.reshape(-1, 2) - exact)[inside].max() < 0.5
+
+
+def test_folding_share_counts_folded_nodes_strip_by_strip() -> None:
+    h, w, d = 40, 30, 4.0
+    smooth = np.zeros((2, h, w), np.float32)
+    assert Stage(np.eye(3), smooth, d).folding_share() == 0.0
+    assert Stage(np.eye(3)).folding_share() == 0.0
+    folded = smooth.copy()
+    xs = np.arange(w, dtype=np.float32) * d
+    folded[0, 10:20, 5:15] = -2.0 * (xs[5:15] - xs[5])  # x + u(x) runs backwards there
+    share = Stage(np.eye(3), folded, d).folding_share()
+    assert 0.05 < share < 0.2
+    for rows in (1, 3, 7):  # strips with one row of overlap: the same count
+        assert Stage(np.eye(3), folded, d).folding_share(rows=rows) == share
+    stored = zarr.create_array(
+        store=zarr.storage.MemoryStore(), shape=folded.shape, chunks=(2, 8, 8), dtype="f4"
+    )
+    stored[:] = folded
+    assert Stage(np.eye(3), stored, d).folding_share(rows=8) == share
+
+
+def test_deformation_grid_draws_the_grid_the_field_carries() -> None:
+    from wsireg.io.qc import deformation_grid
+
+    target = np.full((32, 32, 3), 255, np.uint8)
+    ys, xs = np.mgrid[0:32, 0:32].astype(np.float64)
+    straight = deformation_grid(target, np.stack([xs, ys]), 8.0)
+    red = (straight == (220, 30, 30)).all(-1)
+    assert red[:, 8].all() and red[8, :].all()
+    assert np.flatnonzero(red[:, 5]).tolist() == [8, 16, 24]  # only where rows cross it
+    shifted = deformation_grid(target, np.stack([xs + 3.0, ys]), 8.0)  # lines move 3 px left
+    assert (shifted == (220, 30, 30)).all(-1)[:, 5].all()

@@ -157,6 +157,28 @@ class Stage:
     def field_shape(self) -> tuple[int, int] | None:
         return None if self.field is None else tuple(self.field.shape[1:])
 
+    def folding_share(self, rows: int = 1024) -> float:
+        """Share of the field's nodes where ``x -> x + u(x)`` folds (Jacobian determinant
+        ``<= 0``, :func:`wsireg.core.field.jacobian_determinant`, differences between
+        neighbouring nodes), 0 without a field. Read ``rows`` node rows at a time (with one
+        row of overlap), so a level-0 field of any size stays out of memory."""
+        if self.field is None:
+            return 0.0
+        import torch  # here: the CLI imports this module at start-up
+
+        from wsireg.core.field import jacobian_determinant
+
+        height, width = self.field_shape
+        folded = 0
+        for y0 in range(0, height, rows):
+            lo, hi = max(0, y0 - 1), min(height, y0 + rows + 1)
+            strip = self._checked(lambda lo=lo, hi=hi: np.asarray(self.field[:, lo:hi]))
+            grid = torch.from_numpy(strip.astype(np.float32))[None] / self.field_downsample
+            det = jacobian_determinant(grid)[0] if min(grid.shape[-2:]) >= 2 else None
+            if det is not None:
+                folded += int((det[y0 - lo : y0 - lo + min(rows, height - y0)] <= 0).sum())
+        return folded / float(height * width)
+
     # -- scattered points ---------------------------------------------------------------------
     def displacement(self, points: np.ndarray) -> np.ndarray:
         """``u`` at level-0 ``points`` (N, 2), bilinear between field nodes."""

@@ -4,7 +4,10 @@ Pictures are ``(H, W, 3)`` uint8 RGB on the target grid at a thumbnail downsampl
 
 * checkerboard: squares alternate between the target and the warped source;
 * overlay: the target's stain amount in magenta, the warped source's in green (where they
-  coincide the tissue is grey/white-ish; misalignment shows as coloured fringes).
+  coincide the tissue is grey/white-ish; misalignment shows as coloured fringes);
+* deformation grid: a square grid carried by the nonrigid field, drawn on the target
+  (:func:`deformation_grid`): straight lines where the field is a translation, bent where it
+  deforms, crossing where it folds.
 
 The tissue overlap is the Dice coefficient of their tissue masks (:func:`tissue_overlap`). The
 similarity a registration reports is the alignment's local NCC
@@ -53,6 +56,25 @@ def tissue_overlap(target: np.ndarray, warped: np.ndarray) -> float:
         return 0.0
     total = int(a.sum()) + int(b.sum())
     return 2.0 * float((a & b).sum()) / total if total else 0.0
+
+
+def deformation_grid(target: np.ndarray, moved: np.ndarray, spacing: float) -> np.ndarray:
+    """``target`` ``(H, W, 3)`` dimmed, with red lines where ``moved`` ``(2, H, W)`` (the
+    positions ``x + u(x)`` of the picture's pixels, x then y, any unit) crosses a multiple of
+    ``spacing`` (same unit) between neighbouring pixels: the grid of lines ``spacing`` apart,
+    carried by the field."""
+    cells = np.floor(np.asarray(moved, dtype=np.float64) / spacing)
+    line = np.zeros(target.shape[:2], dtype=bool)
+    for axis in (-2, -1):
+        steps = np.diff(cells, axis=axis) != 0
+        edge = steps.any(axis=0)
+        if axis == -2:
+            line[1:] |= edge
+        else:
+            line[:, 1:] |= edge
+    picture = (target.astype(np.float32) * 0.6 + 255 * 0.4).astype(np.uint8)
+    picture[line] = (220, 30, 30)
+    return picture
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:

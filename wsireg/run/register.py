@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from wsireg import __version__
-from wsireg.core.coords import grid_to_level0_affine
+from wsireg.core.coords import grid_to_level0_affine, to_level0
 from wsireg.core.stain import background_rgb
 from wsireg.engine.align import AlignConfig, align, similarity_on_grid
 from wsireg.engine.options import no_overrides_left, take_overrides
@@ -53,7 +53,7 @@ from wsireg.engine.warp import WarpOptions, warp, warp_block
 from wsireg.errors import InputError, WsiregError
 from wsireg.io.ngff import write_ome_zarr
 from wsireg.io.output import remove, staged_output
-from wsireg.io.qc import tissue_overlap, write_qc
+from wsireg.io.qc import deformation_grid, save_png, tissue_overlap, write_qc
 from wsireg.io.slide import Slide, open_slide
 from wsireg.model.network import (
     MultiLevelModel,
@@ -161,7 +161,9 @@ def register(
                 path = stage / warped_name(fmt)
                 _warp(transform, source_slide, path, warp_options, options.threads, resume)
         with timings.measure("qc_s"), stage_progress("quality control"):
-            similarity, quality = _quality_control(stage / QC, slides, alignment, transform)
+            similarity, quality = _quality_control(
+                stage / QC, slides, alignment, transform, out / QC
+            )
         timings.finish()
         report = _report(source_slide, target_slide, settings, alignment, levels, similarity)
         report["outputs"] = output_paths(out, fmt if settings.warp_level is not None else None)
@@ -447,11 +449,16 @@ def _warp(
 
 
 def _quality_control(
-    directory: Path, slides: SlidePair, alignment: _Alignment, transform: Transform
+    directory: Path,
+    slides: SlidePair,
+    alignment: _Alignment,
+    transform: Transform,
+    final_directory: Path,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """QC pictures of the source before (the slides' top-left corners and pixel sizes
-    matched), after the affine, after everything; their similarities to the target
-    (:func:`similarity_report`) and the quality gate's verdict on the final one."""
+    """QC pictures (in ``directory``, which becomes ``final_directory``) of the source before
+    (the slides' top-left corners and pixel sizes matched), after the affine, after everything;
+    their similarities to the target (:func:`similarity_report`), the quality gate's verdict
+    on the final one and the field's deformation (:func:`deformation_report`)."""
     d = alignment.target_downsample
     h, w = alignment.target_thumbnail.shape[:2]
     t_ref, s_ref = slides.target_ref, slides.source_ref
@@ -466,7 +473,39 @@ def _quality_control(
     write_qc(directory, target, warped)
     scores = {name: similarity_on_grid(target, image) for name, image in warped.items()}
     similarity = similarity_report(scores, d)
-    return similarity, quality_gate(scores["final"], tissue_overlap(target, warped["final"]))
+    deformation = deformation_report(directory, target, d, transform)
+    deformation["grid_picture"] = str(final_directory.resolve() / GRID_PICTURE)
+    quality = quality_gate(scores["final"], tissue_overlap(target, warped["final"]))
+    return similarity, {**quality, "deformation": deformation}
+
+
+#: Spacing of the QC deformation grid, pixels of the QC thumbnail.
+GRID_SPACING = 16
+#: The QC picture of the deformation grid.
+GRID_PICTURE = "deformation-grid.png"
+
+
+def deformation_report(
+    directory: Path, target: np.ndarray, downsample: float, transform: Transform
+) -> dict[str, Any]:
+    """The nonrigid field of ``transform`` (its last stage with a field) in QC:
+    :data:`GRID_PICTURE` in ``directory`` (:func:`wsireg.io.qc.deformation_grid`, a grid of
+    :data:`GRID_SPACING` thumbnail px carried by ``x + u(x)`` on the target thumbnail at
+    ``downsample``) and the share of the field's nodes where it folds
+    (:meth:`~wsireg.engine.transform.Stage.folding_share`; 0 is what a plausible
+    registration has)."""
+    fields = [stage for stage in transform.stages if stage.field is not None]
+    h, w = target.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w]
+    points = np.stack([to_level0(xs.ravel(), downsample), to_level0(ys.ravel(), downsample)], 1)
+    moved = points + (fields[-1].displacement(points) if fields else 0.0)
+    spacing = GRID_SPACING * downsample
+    save_png(directory / GRID_PICTURE, deformation_grid(target, moved.T.reshape(2, h, w), spacing))
+    return {
+        "folding_share": fields[-1].folding_share() if fields else 0.0,
+        "folding_measure": "share of the field's nodes where det(I + grad u) <= 0",
+        "grid_spacing_px": spacing,
+    }
 
 
 #: What each entry of :func:`similarity_report` compares with the target.
