@@ -10,7 +10,9 @@ model and inputs exist; on CUDA ``torch.cuda.max_memory_allocated``). Prints one
 Numbers on shared machines are noisy: the median over ``--repeats`` groups is reported along
 with the best and worst, and the load average at the start. ``--memory-format`` is the layout of
 the weights: ``channels_last`` (NHWC, how :meth:`~wsireg.model.network.MultiLevelModel.load`
-holds them for inference) or ``contiguous`` (NCHW, PyTorch's default).
+holds them for inference) or ``contiguous`` (NCHW, PyTorch's default). ``--precision``: the
+arithmetic (:func:`wsireg.model.inference.network_dtype`; ``bfloat16`` through autocast, as
+inference runs it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from wsireg.engine.parallel import (
     peak_rss_mib,  # VmHWM (a child's ru_maxrss starts at its parent's peak)
 )
+from wsireg.model.inference import PRECISIONS, network_dtype
 from wsireg.model.network import UNet, UNetConfig, num_parameters, resolve_device
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -41,6 +44,7 @@ def main() -> None:
     )
     parser.add_argument("--device", type=str, default="cpu", help="auto, cpu or cuda")
     parser.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="channels_last")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -52,7 +56,9 @@ def main() -> None:
     fixed = torch.rand_like(moving)
 
     load = os.getloadavg()[0]
-    with torch.inference_mode():
+    dtype = network_dtype(args.precision, device)
+    low = dtype != torch.float32
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=low):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rss0 = peak_rss_mib()
@@ -79,6 +85,7 @@ def main() -> None:
         "group": args.group,
         "widths": list(widths),
         "memory_format": args.memory_format,
+        "dtype": str(dtype).removeprefix("torch."),
         "params": params,
         "weights_mb_fp32": round(params * 4 / 2**20, 2),
         "patches_per_s": round(args.group / statistics.median(times), 2),
