@@ -129,6 +129,10 @@ class SlideRef:
         )
 
 
+#: Bytes of float32 field values :meth:`Stage.folding_share` reads at a time.
+FOLDING_STRIP_BYTES = 32 << 20
+
+
 # --------------------------------------------------------------------------------------------
 # One stage: x -> A (x + u(x))
 # --------------------------------------------------------------------------------------------
@@ -157,13 +161,16 @@ class Stage:
     def field_shape(self) -> tuple[int, int] | None:
         return None if self.field is None else tuple(self.field.shape[1:])
 
-    def folding_share(self, rows: int = 1024) -> float:
+    def folding_share(self, rows: int | None = None) -> float:
         """Share of the field's nodes where ``x -> x + u(x)`` folds (Jacobian determinant
         ``<= 0``, :func:`wsireg.core.field.jacobian_determinant`, differences between
-        neighbouring nodes), 0 without a field. Read ``rows`` node rows at a time (with one
-        row of overlap), so a level-0 field of any size stays out of memory."""
+        neighbouring nodes), 0 without a field. Read ``rows`` node rows at a time (default:
+        as many as fit :data:`FOLDING_STRIP_BYTES`; one row of overlap), so a level-0 field of
+        any size stays out of memory (its whole field is read once)."""
         if self.field is None:
             return 0.0
+        if rows is None:
+            rows = max(1, FOLDING_STRIP_BYTES // (2 * 4 * self.field_shape[1]))
         import torch  # here: the CLI imports this module at start-up
 
         from wsireg.core.field import jacobian_determinant
