@@ -54,7 +54,8 @@ FieldArray = zarr.Array | np.ndarray
 #: warp-points`` does without ``--inverse``). The same words in the API and the CLI.
 Direction = Literal["target_to_source", "source_to_target"]
 DIRECTIONS: tuple[Direction, ...] = ("target_to_source", "source_to_target")
-#: Direction words of earlier versions, refused (their meaning differed between API and CLI).
+#: Direction words refused (ambiguous between API and CLI), each with the word for what it
+#: meant in :meth:`Transform.map_points`, which its error names.
 RETIRED_DIRECTIONS = {"forward": "target_to_source", "inverse": "source_to_target"}
 
 

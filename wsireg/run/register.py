@@ -530,10 +530,9 @@ def similarity_description() -> str:
         f"local normalised cross-correlation ({window} px windows) of the optical-density "
         f"magnitude ('{config.representation}' stain representation) of the target and the "
         f"warped source, both resampled to {size} px across the target's tissue, averaged over "
-        "the tissue's bounding box (background counts 0). In [-1, 1], higher is better: "
-        "0.19-0.39 for the real section pairs of two stains in benchmarks/quality_gate.py, "
-        f"below 0.12 for unrelated tissues; the quality gate wants at least {MIN_SIMILARITY} "
-        "for the final one"
+        "the tissue's bounding box (background counts 0). In [-1, 1], higher is better; "
+        f"the quality gate wants at least {MIN_SIMILARITY} for the final one (what real "
+        "section pairs and unrelated tissues reach: benchmarks/quality_gate.py)"
     )
 
 
@@ -588,8 +587,8 @@ def quality_warning(quality: dict[str, Any]) -> str:
     return "registration implausible (different tissues?): " + "; ".join(quality["reasons"])
 
 
-#: Entries of the alignment's record left out of ``report.json``: its own similarities were
-#: measured on other crops and sizes than the report's one ``similarity`` (kept in the
+#: Entries of the alignment's record left out of ``report.json``: its own similarities are
+#: computed on other crops and sizes than the report's one ``similarity`` (kept in the
 #: ``work/align.json`` cache only).
 ALIGNMENT_UNREPORTED = ("similarity_before", "similarity_after")
 
