@@ -7,13 +7,16 @@ Imports nothing heavy (the CLI starts without torch, dask and zarr).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from wsireg.errors import WsiregError
 from wsireg.io.output import check_output_path
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Side of a scheduler block (px of a level): a stride must divide it.
 BLOCK = 1024
@@ -23,6 +26,11 @@ MIN_CHUNK, MAX_CHUNK = 16, 16384
 MIN_TILE, MAX_TILE = 16, 4096
 #: Patch sides are multiples of this (the networks halve them four times or more).
 PATCH_MULTIPLE = 16
+#: OME-NGFF versions of the writers (:data:`wsireg.io.ngff.NGFF_VERSIONS`; not imported here:
+#: that module imports zarr).
+NGFF_VERSIONS = ("0.4", "0.5")
+#: OME-TIFF tile compressions (:data:`wsireg.io.tiff.TIFF_COMPRESSIONS`).
+TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 
 
 class FiniteFloat(click.FloatRange):
@@ -90,3 +98,36 @@ def check_output_place(out: Path, inputs: Sequence[Path | None]) -> None:
         check_output_path(out, inputs)
     except WsiregError as exc:
         raise click.BadParameter(str(exc), param_hint="-o/--out") from exc
+
+
+def ngff_version_option(output: str) -> Callable[[F], F]:
+    """``--ngff-version`` (default 0.4) of ``output`` (how the verb's help names it)."""
+    return click.option(
+        "--ngff-version",
+        type=click.Choice(NGFF_VERSIONS),
+        default=NGFF_VERSIONS[0],
+        show_default=True,
+        help=f"OME-NGFF version of {output} (0.4: zarr v2 format, 0.5: zarr v3).",
+    )
+
+
+def tile_option(note: str = "") -> Callable[[F], F]:
+    """``--tile``: the OME-TIFF tile side (default 512 px); ``note`` ends its help."""
+    return click.option(
+        "--tile",
+        type=Multiple(16, MIN_TILE, MAX_TILE),
+        default=512,
+        show_default=True,
+        help=f"OME-TIFF tile side (px{note}).",
+    )
+
+
+def chunk_option(help: str) -> Callable[[F], F]:
+    """``--chunk``: the output chunk side (default 1024 px)."""
+    return click.option(
+        "--chunk",
+        type=click.IntRange(MIN_CHUNK, MAX_CHUNK),
+        default=1024,
+        show_default=True,
+        help=help,
+    )

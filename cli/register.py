@@ -21,6 +21,7 @@ from .options import (
     Multiple,
     check_output_place,
     check_patch_and_stride,
+    ngff_version_option,
 )
 
 if TYPE_CHECKING:  # annotations only: importing it loads torch
@@ -167,13 +168,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
     show_default=True,
     help="Format of the warped source: warped.ome.zarr or warped.ome.tif (as `wsireg warp`).",
 )
-@click.option(
-    "--ngff-version",
-    type=click.Choice(["0.4", "0.5"]),
-    default="0.4",
-    show_default=True,
-    help="OME-NGFF version of warped.ome.zarr (0.4: zarr v2 format, 0.5: zarr v3).",
-)
+@ngff_version_option("warped.ome.zarr")
 @click.option(
     "--resume",
     is_flag=True,

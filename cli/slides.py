@@ -12,7 +12,13 @@ from pathlib import Path
 import click
 
 from .main import cli, examples, quiet_option
-from .options import MAX_CHUNK, MAX_TILE, MIN_CHUNK, MIN_TILE, Multiple, check_output_place
+from .options import (
+    TIFF_COMPRESSIONS,
+    check_output_place,
+    chunk_option,
+    ngff_version_option,
+    tile_option,
+)
 
 
 @cli.command(epilog=examples("wsireg info he.svs", "wsireg info he.svs --json > he.json"))
@@ -68,34 +74,16 @@ def info(slide: Path, as_json: bool) -> None:
     show_default=True,
     help="Slide level to convert.",
 )
-@click.option(
-    "--chunk",
-    type=click.IntRange(MIN_CHUNK, MAX_CHUNK),
-    default=1024,
-    show_default=True,
-    help="OME-Zarr chunk side (px).",
-)
-@click.option(
-    "--tile",
-    type=Multiple(16, MIN_TILE, MAX_TILE),
-    default=512,
-    show_default=True,
-    help="OME-TIFF tile side (px).",
-)
+@chunk_option("OME-Zarr chunk side (px).")
+@tile_option()
 @click.option(
     "--compression",
-    type=click.Choice(["jpeg", "zlib", "zstd", "none"]),
+    type=click.Choice(TIFF_COMPRESSIONS),
     default="jpeg",
     show_default=True,
     help="OME-TIFF tile compression.",
 )
-@click.option(
-    "--ngff-version",
-    type=click.Choice(["0.4", "0.5"]),
-    default="0.4",
-    show_default=True,
-    help="OME-NGFF version of an OME-Zarr output (0.4: zarr v2 format, 0.5: zarr v3).",
-)
+@ngff_version_option("an OME-Zarr output")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert(  # noqa: PLR0913 - click passes each option as one argument
     slide: Path,

@@ -14,13 +14,12 @@ import click
 
 from .main import cli, examples, quiet_option
 from .options import (
-    MAX_CHUNK,
-    MAX_TILE,
-    MIN_CHUNK,
-    MIN_TILE,
+    TIFF_COMPRESSIONS,
     FiniteFloat,
-    Multiple,
     check_output_place,
+    chunk_option,
+    ngff_version_option,
+    tile_option,
 )
 
 if TYPE_CHECKING:  # annotations only: importing it loads zarr
@@ -67,28 +66,16 @@ TRANSFORM = click.Path(path_type=Path)
     default=None,
     help="Output format (default: from OUT's suffix).",
 )
-@click.option(
-    "--chunk",
-    type=click.IntRange(MIN_CHUNK, MAX_CHUNK),
-    default=1024,
-    show_default=True,
-    help="Output chunk side (px).",
-)
-@click.option("--ngff-version", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True)
+@chunk_option("Output chunk side (px).")
+@ngff_version_option("an OME-Zarr output")
 @click.option(
     "--compression",
-    type=click.Choice(["jpeg", "zlib", "zstd", "none"]),
+    type=click.Choice(TIFF_COMPRESSIONS),
     default=None,
     help="OME-TIFF: jpeg|zlib|zstd|none (default jpeg; zlib with --interpolation nearest, "
     "which refuses jpeg); OME-Zarr: zstd|zlib|none (default zstd, Blosc).",
 )
-@click.option(
-    "--tile",
-    type=Multiple(16, MIN_TILE, MAX_TILE),
-    default=512,
-    show_default=True,
-    help="OME-TIFF tile side (px; an OME-Zarr's chunks are --chunk).",
-)
+@tile_option("; an OME-Zarr's chunks are --chunk")
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler.")
 @click.option(
     "--workers",

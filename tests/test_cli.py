@@ -103,3 +103,15 @@ def test_train_needs_an_explicit_slides_folder(run_cli, tmp_path: Path, monkeypa
     assert result.exit_code == 2
     assert "--slides-dir" in result.stderr and "cmu, tcga" in result.stderr
     assert not (tmp_path / "model" / "model.pt").exists()
+
+
+def test_the_cli_offers_what_the_writers_take() -> None:
+    # the CLI starts without zarr: it keeps its own copies of the writers' choices
+    from wsireg.engine.warp import MAX_TILE, MIN_TILE
+    from wsireg.io.ngff import NGFF_VERSIONS
+    from wsireg.io.tiff import TIFF_COMPRESSIONS
+    from wsireg_cli import options
+
+    assert options.NGFF_VERSIONS == NGFF_VERSIONS
+    assert options.TIFF_COMPRESSIONS == TIFF_COMPRESSIONS
+    assert (options.MIN_TILE, options.MAX_TILE) == (MIN_TILE, MAX_TILE)

@@ -52,7 +52,6 @@ NGFF_VERSIONS = ("0.4", "0.5")
 #: Lossless chunk compressions by name: ``zstd`` (Blosc zstd, :func:`default_compressor`),
 #: ``zlib`` (gzip level 6) and ``none``.
 ZARR_COMPRESSIONS = ("zstd", "zlib", "none")
-TIFF_COMPRESSIONS = ("jpeg", "zlib", "zstd", "none")
 RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 
 
