@@ -1,14 +1,14 @@
 """Size and accuracy of ``wsireg warp-geojson`` output (:func:`wsireg.io.annotations.
 map_annotations`) for the ways of densifying edges.
 
-Data: a QuPath-style export over a 3900 x 3200 px source slide, generated here (QuPath's one
-decimal): a brush annotation (an ellipse of 400 vertices with a hole), a multipolygon of
-rectangles, a polyline, points, 150 cell objects with their ``nucleusGeometry``, and a
-rectangle and a point partly off the slide. Transform (in memory, public API
-:meth:`wsireg.engine.transform.Transform.from_field`): a 30 degree rotation plus a smooth
-displacement of up to 12 px, field at downsample 16; annotations mapped source -> target with
-QuPath's pixel corners (``pixel_origin="corner"``) and densified over the source slide only, as
-the CLI does.
+Data: the QuPath-style export of :func:`wsireg.synthetic.annotations.qupath_export` over a
+3900 x 3200 px source slide (QuPath's one decimal): a brush annotation (an ellipse of 400
+vertices with a hole), a multipolygon of rectangles, a polyline, points, 150 cell objects with
+their ``nucleusGeometry``, and a rectangle and a point partly off the slide. Transform (in
+memory, public API :meth:`wsireg.engine.transform.Transform.from_field`): a 30 degree
+rotation plus a smooth displacement of up to 12 px, field at downsample 16; annotations
+mapped source -> target with QuPath's pixel corners (``pixel_origin="corner"``) and densified
+over the source slide only, as the CLI does.
 
 Settings: ``uniform`` (the old behaviour: every edge cut into pieces of at most 8 px, half the
 field spacing, full float digits), ``default`` (adaptive, tolerance 0.25 px, 2 decimals),
@@ -37,9 +37,15 @@ import numpy as np
 from wsireg.core.coords import to_level0
 from wsireg.engine.transform import SlideRef, Transform
 from wsireg.io.annotations import coordinate_decimals, map_annotations, write_geojson
+from wsireg.synthetic.annotations import (
+    QUPATH_SLIDE_SHAPE,
+    coordinate_arrays,
+    distance_to_polyline,
+    qupath_export,
+)
 
 TARGET = SlideRef(path="target.svs", shape=(3000, 4000), mpp=(0.5, 0.5))
-SOURCE = SlideRef(path="source.svs", shape=(3200, 3900), mpp=(0.5, 0.5))
+SOURCE = SlideRef(path="source.svs", shape=QUPATH_SLIDE_SHAPE, mpp=(0.5, 0.5))
 FIELD_DOWNSAMPLE = 16.0
 SAMPLE_STEP = 0.25  # px between samples of the exact image of an edge
 
@@ -67,114 +73,6 @@ def make_transform(amplitude: float = 12.0) -> Transform:
     field = np.stack([u, v]).astype(np.float32)
     affine = rotation(30, (2000, 1500), (25, -40))
     return Transform.from_field(affine, field, FIELD_DOWNSAMPLE, TARGET, SOURCE)
-
-
-def ellipse(cx: float, cy: float, rx: float, ry: float, n: int) -> list[list[float]]:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    ring = np.round(np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1), 1).tolist()
-    return ring + ring[:1]
-
-
-def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
-    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-
-
-def feature(geometry: dict, **properties: object) -> dict:
-    return {"type": "Feature", "geometry": geometry, "properties": properties}
-
-
-def qupath_export(cells: int = 150) -> list[dict]:
-    """The QuPath-style document described in the module docstring."""
-    features = [
-        feature(
-            {
-                "type": "Polygon",
-                "coordinates": [
-                    ellipse(1500, 1200, 500, 350, 400),
-                    ellipse(1450, 1150, 120, 80, 80),
-                ],
-            },
-            objectType="annotation",
-            classification={"name": "Tumor"},
-        ),
-        feature(
-            {
-                "type": "MultiPolygon",
-                "coordinates": [
-                    [rectangle(2200, 300, 3500, 900)],
-                    [rectangle(300, 2300, 1400, 3000), rectangle(600, 2500, 900, 2700)],
-                ],
-            },
-            objectType="annotation",
-        ),
-        feature(
-            {
-                "type": "LineString",
-                "coordinates": [[200, 200], [1900, 350], [2600, 1900], [3600, 2900]],
-            },
-            objectType="annotation",
-        ),
-        feature(
-            {"type": "MultiPoint", "coordinates": [[500.5, 700.5], [2500, 2500]]},
-            objectType="annotation",
-        ),
-        feature(
-            {"type": "Polygon", "coordinates": [rectangle(3700, 3000, 4100, 3400)]},
-            objectType="annotation",
-            name="off the edge",
-        ),
-        feature({"type": "Point", "coordinates": [-50, 100]}, objectType="annotation"),
-    ]
-    rng = np.random.default_rng(7)
-    for index, (cx, cy) in enumerate(rng.uniform([2000, 1500], [3500, 2800], (cells, 2))):
-        cell = feature(
-            {"type": "Polygon", "coordinates": [ellipse(cx, cy, 7, 6, 24)]},
-            objectType="cell",
-            nucleusGeometry={"type": "Polygon", "coordinates": [ellipse(cx + 0.5, cy, 3.5, 3, 12)]},
-            measurements={"Nucleus: Area": 33.0},
-        )
-        cell["id"] = f"cell-{index}"
-        features.append(cell)
-    return features
-
-
-def coordinate_arrays(node: object) -> list[tuple[bool, np.ndarray]]:
-    """Every coordinate array of a GeoJSON tree in document order, as ``(is_line, (N, 2))``."""
-    found: list[tuple[bool, np.ndarray]] = []
-    if isinstance(node, list):
-        for item in node:
-            found += coordinate_arrays(item)
-    elif isinstance(node, dict):
-        kind, coords = node.get("type"), node.get("coordinates")
-        if kind == "Point":
-            found.append((False, np.array([coords], float)))
-        elif kind == "MultiPoint":
-            found.append((False, np.array(coords, float)))
-        elif kind == "LineString":
-            found.append((True, np.array(coords, float)))
-        elif kind in ("Polygon", "MultiLineString"):
-            found += [(True, np.array(ring, float)) for ring in coords]
-        elif kind == "MultiPolygon":
-            found += [(True, np.array(ring, float)) for polygon in coords for ring in polygon]
-        for key, value in node.items():
-            if key != "coordinates":
-                found += coordinate_arrays(value)
-    return found
-
-
-def distance_to_polyline(points: np.ndarray, line: np.ndarray) -> np.ndarray:
-    """Distance of each point ``(M, 2)`` to the polyline ``(K, 2)`` (``K >= 1``)."""
-    if len(line) == 1:
-        return np.linalg.norm(points - line[0], axis=1)
-    a, b = line[:-1], line[1:]
-    ab = b - a
-    length2 = np.maximum((ab**2).sum(1), 1e-12)
-    best = np.full(len(points), np.inf)
-    for start in range(0, len(points), 256):
-        p = points[start : start + 256, None, :]
-        t = np.clip(((p - a) * ab).sum(-1) / length2, 0, 1)
-        best[start : start + 256] = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1).min(1)
-    return best
 
 
 def exact_images(arrays: list[tuple[bool, np.ndarray]], transform: Transform) -> list[dict]:

@@ -20,6 +20,8 @@ from wsireg.io.annotations import (
     write_landmarks,
 )
 from wsireg.io.output import partial_path
+from wsireg.synthetic import annotations as made_up
+from wsireg.synthetic.annotations import coordinate_arrays, distance_to_polyline
 
 from .test_transform import SOURCE, TARGET, field_transform, rotation
 
@@ -206,127 +208,16 @@ def test_identity_transform_keeps_points() -> None:
     assert identity.map_points(pts, "source_to_target") == pytest.approx(pts)
 
 
-def qupath_cells_and_annotations() -> list[dict]:
-    """A QuPath-style export over the source slide (3900 x 3200 px): a brush annotation (an
-    ellipse of 400 vertices with a hole), a multipolygon of rectangles, a polyline, points,
-    150 cell objects with their nucleus geometry, and a rectangle and a point partly off the
-    slide. Coordinates with QuPath's one decimal."""
-
-    def ellipse(cx: float, cy: float, rx: float, ry: float, n: int) -> list[list[float]]:
-        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-        ring = np.round(np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1), 1).tolist()
-        return ring + ring[:1]
-
-    def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
-        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-
-    features: list[dict] = [
-        {
-            "type": "Feature",
-            "id": "brush",
-            "geometry": {
-                "type": "Polygon",
-                "coordinates": [
-                    ellipse(1500, 1200, 500, 350, 400),
-                    ellipse(1450, 1150, 120, 80, 80),
-                ],
-            },
-            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
-        },
-        {
-            "type": "Feature",
-            "geometry": {
-                "type": "MultiPolygon",
-                "coordinates": [
-                    [rectangle(2200, 300, 3500, 900)],
-                    [rectangle(300, 2300, 1400, 3000), rectangle(600, 2500, 900, 2700)],
-                ],
-            },
-            "properties": {"objectType": "annotation"},
-        },
-        {
-            "type": "Feature",
-            "geometry": {
-                "type": "LineString",
-                "coordinates": [[200, 200], [1900, 350], [2600, 1900], [3600, 2900]],
-            },
-            "properties": {"objectType": "annotation"},
-        },
-        {
-            "type": "Feature",
-            "geometry": {"type": "MultiPoint", "coordinates": [[500.5, 700.5], [2500, 2500]]},
-            "properties": {"objectType": "annotation"},
-        },
-        {
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [rectangle(3700, 3000, 4100, 3400)]},
-            "properties": {"objectType": "annotation", "name": "off the edge"},
-        },
-        {
-            "type": "Feature",
-            "geometry": {"type": "Point", "coordinates": [-50, 100]},
-            "properties": {"objectType": "annotation"},
-        },
-    ]
-    rng = np.random.default_rng(7)
-    for index, (cx, cy) in enumerate(rng.uniform([2000, 1500], [3500, 2800], (150, 2))):
-        features.append(
-            {
-                "type": "Feature",
-                "id": f"cell-{index}",
-                "geometry": {"type": "Polygon", "coordinates": [ellipse(cx, cy, 7, 6, 24)]},
-                "properties": {
-                    "objectType": "cell",
-                    "nucleusGeometry": {
-                        "type": "Polygon",
-                        "coordinates": [ellipse(cx + 0.5, cy, 3.5, 3, 12)],
-                    },
-                    "measurements": {"Nucleus: Area": 33.0},
-                },
-            }
-        )
-    return features
-
-
 def polylines(node: object) -> list[np.ndarray]:
     """Every line and ring of a GeoJSON tree, in document order (points left out)."""
-    found: list[np.ndarray] = []
-    if isinstance(node, list):
-        for item in node:
-            found += polylines(item)
-    elif isinstance(node, dict):
-        kind, coords = node.get("type"), node.get("coordinates")
-        if kind == "LineString":
-            found.append(np.array(coords, float))
-        elif kind in ("Polygon", "MultiLineString"):
-            found += [np.array(ring, float) for ring in coords]
-        elif kind == "MultiPolygon":
-            found += [np.array(ring, float) for polygon in coords for ring in polygon]
-        for key, value in node.items():
-            if key != "coordinates":
-                found += polylines(value)
-    return found
-
-
-def distance_to_polyline(points: np.ndarray, line: np.ndarray) -> np.ndarray:
-    """Distance of each point ``(M, 2)`` to the polyline ``(K, 2)``."""
-    a, b = line[:-1], line[1:]
-    ab = b - a
-    length2 = np.maximum((ab**2).sum(1), 1e-12)
-    best = np.full(len(points), np.inf)
-    for start in range(0, len(points), 512):
-        p = points[start : start + 512, None, :]
-        t = np.clip(((p - a) * ab).sum(-1) / length2, 0, 1)
-        d = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1).min(axis=1)
-        best[start : start + 512] = d
-    return best
+    return [array for is_line, array in coordinate_arrays(node) if is_line]
 
 
 def test_geojson_is_densified_where_the_transform_bends_it(
     saved_transform, tmp_path: Path, run_cli
 ) -> None:
     T, tdir = saved_transform
-    features = qupath_cells_and_annotations()
+    features = made_up.qupath_export()  # cells and every geometry kind
     src, out = tmp_path / "cells.geojson", tmp_path / "cells-target.geojson"
     src.write_text(json.dumps(features))
     result = run_cli("warp-geojson", tdir, src, "-o", out)
