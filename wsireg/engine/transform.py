@@ -165,26 +165,25 @@ class Stage:
     def folding_share(self, rows: int | None = None) -> float:
         """Share of the field's nodes where ``x -> x + u(x)`` folds (Jacobian determinant
         ``<= 0``, :func:`wsireg.core.field.jacobian_determinant`, differences between
-        neighbouring nodes), 0 without a field. Read ``rows`` node rows at a time (default:
-        as many as fit :data:`FOLDING_STRIP_BYTES`; one row of overlap), so a level-0 field of
-        any size stays out of memory (its whole field is read once)."""
-        if self.field is None:
+        neighbouring nodes), 0 without a field or with fewer than 2 nodes a side. Read ``rows``
+        node rows at a time (default: as many as fit :data:`FOLDING_STRIP_BYTES`; one row of
+        overlap), so a level-0 field of any size stays out of memory (its whole field is read
+        once)."""
+        if self.field is None or min(self.field_shape) < 2:
             return 0.0
-        if rows is None:
-            rows = max(1, FOLDING_STRIP_BYTES // (2 * 4 * self.field_shape[1]))
         import torch  # here: the CLI imports this module at start-up
 
         from wsireg.core.field import jacobian_determinant
 
         height, width = self.field_shape
+        rows = rows or max(1, FOLDING_STRIP_BYTES // (2 * 4 * width))
         folded = 0
         for y0 in range(0, height, rows):
-            lo, hi = max(0, y0 - 1), min(height, y0 + rows + 1)
+            lo, hi = max(0, y0 - 1), min(height, y0 + rows + 1)  # >= 2 rows
             strip = self._checked(lambda lo=lo, hi=hi: np.asarray(self.field[:, lo:hi]))
             grid = torch.from_numpy(strip.astype(np.float32))[None] / self.field_downsample
-            det = jacobian_determinant(grid)[0] if min(grid.shape[-2:]) >= 2 else None
-            if det is not None:
-                folded += int((det[y0 - lo : y0 - lo + min(rows, height - y0)] <= 0).sum())
+            det = jacobian_determinant(grid)[0, y0 - lo : y0 - lo + min(rows, height - y0)]
+            folded += int((det <= 0).sum())
         return folded / float(height * width)
 
     # -- scattered points ---------------------------------------------------------------------
