@@ -32,6 +32,7 @@ OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "level", "interpolation", "chunk", "tile", "compression", "reference")),
     ("Algorithm 1 (the networks)", ("weights", "levels", "iterations", "patch", "stride",
                                     "group", "flips", "precision")),
+    ("Channels", ("source_channel", "target_channel", "channel", "channels", "prefixes")),
     ("Instance optimisation", ("refine",)),
     ("Where it runs", ("device", "scheduler", "workers", "threads", "gpu_resources")),
     ("Training data", ("sources", "sections", "section_gap", "slides_dir", "crop",

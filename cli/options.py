@@ -131,3 +131,45 @@ def chunk_option(help: str) -> Callable[[F], F]:
         show_default=True,
         help=help,
     )
+
+
+def channels_option(what: str = "OUT") -> Callable[[F], F]:
+    """``--channels``: the channels of a fluorescence slide to write, by name or index,
+    comma-separated (``None``: all)."""
+    return click.option(
+        "--channels",
+        callback=_split_channels,
+        default=None,
+        metavar="NAMES",
+        help=f"Channels of a fluorescence slide written to {what}, by name or index, "
+        "comma-separated, in that order (default: all).",
+    )
+
+
+def _split_channels(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not names:
+        raise click.BadParameter("name at least one channel", ctx=ctx, param=param)
+    return names
+
+
+def format_option(default: str | None = None, what: str = "OUT") -> Callable[[F], F]:
+    """``--format ome-zarr|ome-tiff`` of an output (``None``: from its suffix)."""
+    if default is None:
+        text = (
+            f"Output format (default: from {what}'s suffix; .tif/.tiff -> OME-TIFF, else OME-Zarr)."
+        )
+    else:
+        text = f"Format of {what}."
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["ome-zarr", "ome-tiff"]),
+        default=default,
+        show_default=default is not None,
+        help=text,
+    )

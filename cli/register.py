@@ -110,6 +110,27 @@ def register_options(function):  # type: ignore[no-untyped-def]
             help="Target level of the warped source (warped.ome.zarr).",
         ),
         click.option("--no-warp", is_flag=True, help="Do not write the warped source."),
+        click.option(
+            "--source-channel",
+            default=None,
+            metavar="NAME|INDEX",
+            help="Channel of SOURCE to register on: a name or index of a fluorescence "
+            "slide's channels, or 'haematoxylin' of a brightfield slide (default: a "
+            "fluorescence slide's DAPI/Hoechst channel, else its first; brightfield as "
+            "stored, its haematoxylin against fluorescence). `wsireg info` lists them.",
+        ),
+        click.option(
+            "--target-channel",
+            default=None,
+            metavar="NAME|INDEX",
+            help="Channel of TARGET to register on (as --source-channel).",
+        ),
+        click.option(
+            "--channel",
+            default=None,
+            metavar="NAME|INDEX",
+            help="The same channel of both slides (e.g. DAPI across cyclic rounds).",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -123,6 +144,10 @@ def options_from_cli(values: dict) -> RegisterOptions:
 
     weights, flips = values.pop("weights"), values.pop("flips")
     check_patch_and_stride(values["patch"], values["stride"])
+    both = values.pop("channel")
+    source_channel, target_channel = values.pop("source_channel"), values.pop("target_channel")
+    if both is not None and (source_channel is not None or target_channel is not None):
+        raise click.UsageError("give --channel or --source-channel/--target-channel, not both")
     return RegisterOptions(
         level=values.pop("level"),
         levels=values.pop("levels"),
@@ -137,6 +162,8 @@ def options_from_cli(values: dict) -> RegisterOptions:
         device=values.pop("device"),
         warp_level=values.pop("warp_level"),
         write_warped=not values.pop("no_warp"),
+        source_channel=both if both is not None else source_channel,
+        target_channel=both if both is not None else target_channel,
     )
 
 
@@ -146,6 +173,8 @@ def options_from_cli(values: dict) -> RegisterOptions:
         "wsireg register he.svs ihc.svs -o out/ --level 0 --device cuda",
         "wsireg register he.svs ihc.svs -o out/ --weights none --no-warp",
         "wsireg register he.svs ihc.svs -o out/ --format ome-tiff   # out/warped.ome.tif",
+        "wsireg register if.ome.tif he.svs -o out/      # DAPI against haematoxylin",
+        "wsireg register round2.ome.tif round1.ome.tif -o out/ --channel DAPI",
         "wsireg -q register he.svs ihc.svs -o out/ 2> register.log",
     )
 )
@@ -192,7 +221,11 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
     ngff_version: str,
     **values,
 ) -> None:
-    """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space."""
+    """Register SOURCE (moving) onto TARGET (fixed) and warp it into target space.
+
+    Brightfield, fluorescence and label slides: registration reads one channel of each
+    (--source-channel/--target-channel), the warp writes every channel of SOURCE at its dtype.
+    """
     from wsireg.run.register import quality_warning, summary_lines
     from wsireg.run.register import register as run
 

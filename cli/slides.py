@@ -14,8 +14,10 @@ import click
 from .main import cli, examples, quiet_option
 from .options import (
     TIFF_COMPRESSIONS,
+    channels_option,
     check_output_place,
     chunk_option,
+    format_option,
     ngff_version_option,
     tile_option,
 )
@@ -26,7 +28,8 @@ from .options import (
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 def info(slide: Path, as_json: bool) -> None:
-    """Levels, sizes, microns per pixel, vendor and associated images of SLIDE."""
+    """Levels, sizes, microns per pixel, vendor, channels (kind, dtype, names) and associated
+    images of SLIDE, and the channel registration reads by default."""
     from wsireg.io.slide import open_slide
 
     with open_slide(slide) as opened:
@@ -44,6 +47,11 @@ def info(slide: Path, as_json: bool) -> None:
             f"    {level['level']}: {level['width']} x {level['height']} px"
             f"  (downsample {level['downsample']:g})"
         )
+    pixels = data["pixels"]
+    click.echo(f"  pixels: {pixels['kind']}, {pixels['dtype']}, {len(pixels['channels'])} channels")
+    for channel in pixels["channels"]:
+        click.echo(f"    {channel['index']}: {channel['name']}  (#{channel['color']})")
+    click.echo(f"  registered on: {data['shown']}")
     images = data["associated_images"]
     if images:
         listed = ", ".join(f"{name} {shape[1]}x{shape[0]}" for name, shape in images.items())
@@ -60,13 +68,7 @@ def info(slide: Path, as_json: bool) -> None:
 @quiet_option
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["ome-zarr", "ome-tiff"]),
-    default=None,
-    help="Output format (default: from OUT's suffix; .tif/.tiff -> OME-TIFF, else OME-Zarr).",
-)
+@format_option()
 @click.option(
     "--level",
     type=click.IntRange(min=0),
@@ -79,10 +81,11 @@ def info(slide: Path, as_json: bool) -> None:
 @click.option(
     "--compression",
     type=click.Choice(TIFF_COMPRESSIONS),
-    default="jpeg",
-    show_default=True,
-    help="OME-TIFF tile compression.",
+    default=None,
+    help="OME-TIFF tile compression (default: jpeg for brightfield RGB, zlib for "
+    "fluorescence and labels).",
 )
+@channels_option()
 @ngff_version_option("an OME-Zarr output")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert(  # noqa: PLR0913 - click passes each option as one argument
@@ -92,12 +95,14 @@ def convert(  # noqa: PLR0913 - click passes each option as one argument
     level: int,
     chunk: int,
     tile: int,
-    compression: str,
+    compression: str | None,
+    channels: tuple[str, ...] | None,
     ngff_version: str,
     overwrite: bool,
 ) -> None:
     """Convert any readable SLIDE to a multiscale OME-Zarr or pyramidal OME-TIFF (OUT)."""
     from wsireg.io.convert import convert as convert_slide
+    from wsireg.io.convert import default_tiff_compression
     from wsireg.io.ngff import ZarrLayout
     from wsireg.io.slide import open_slide
     from wsireg.io.tiff import TiffLayout
@@ -110,7 +115,50 @@ def convert(  # noqa: PLR0913 - click passes each option as one argument
             level=level,
             fmt=fmt,
             zarr_layout=ZarrLayout(chunk=chunk, ngff_version=ngff_version),
-            tiff_layout=TiffLayout(tile=tile, compression=compression),
+            tiff_layout=TiffLayout(
+                tile=tile, compression=compression or default_tiff_compression(opened)
+            ),
+            channels=channels,
             overwrite=overwrite,
         )
+    click.echo(str(out))
+
+
+@cli.command(
+    epilog=examples(
+        "wsireg merge cycif.ome.zarr round1.ome.tif r2/warped.ome.zarr r3/warped.ome.zarr",
+        "wsireg merge panel.ome.tif he.svs if-warped.ome.zarr --prefix HE,IF",
+    )
+)
+@quiet_option
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--prefix",
+    "prefixes",
+    default=None,
+    metavar="NAMES",
+    help="Channel-name prefix of each slide, comma-separated, one per slide (default: the "
+    "image name each file stores, else its file name).",
+)
+@format_option()
+@chunk_option("OME-Zarr chunk side (px).")
+@tile_option()
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def merge(  # noqa: PLR0913 - click passes each option as one argument
+    out: Path,
+    slides: tuple[Path, ...],
+    prefixes: str | None,
+    fmt: str | None,
+    chunk: int,
+    tile: int,
+    overwrite: bool,
+) -> None:
+    """Merge SLIDES of one reference frame (the target and the sources warped onto it) into
+    one multichannel OUT: every channel of each, in order, named PREFIX NAME."""
+    from wsireg.io.merge import merge as run_merge
+
+    check_output_place(out, list(slides))
+    names = None if prefixes is None else [p.strip() for p in prefixes.split(",")]
+    run_merge(slides, out, prefixes=names, fmt=fmt, chunk=chunk, tile=tile, overwrite=overwrite)
     click.echo(str(out))

@@ -16,6 +16,7 @@ from .main import cli, examples, quiet_option
 from .options import (
     TIFF_COMPRESSIONS,
     FiniteFloat,
+    channels_option,
     check_output_place,
     chunk_option,
     ngff_version_option,
@@ -33,6 +34,7 @@ TRANSFORM = click.Path(path_type=Path)
         "wsireg warp out/ he.svs -o he-warped.ome.zarr",
         "wsireg warp out/transform mask.tif -o mask.ome.tif --interpolation nearest",
         "wsireg warp out/ he.svs -o he-warped.ome.tif --compression zstd --tile 256",
+        "wsireg warp out/ cycif.ome.tif -o cycif-warped.ome.zarr --channels DAPI,CD3,CD8",
     )
 )
 @quiet_option
@@ -57,7 +59,7 @@ TRANSFORM = click.Path(path_type=Path)
     type=click.Choice(["linear", "nearest"]),
     default="linear",
     show_default=True,
-    help="nearest for label masks.",
+    help="nearest for label masks (required for label images: values kept exactly).",
 )
 @click.option(
     "--format",
@@ -72,10 +74,12 @@ TRANSFORM = click.Path(path_type=Path)
     "--compression",
     type=click.Choice(TIFF_COMPRESSIONS),
     default=None,
-    help="OME-TIFF: jpeg|zlib|zstd|none (default jpeg; zlib with --interpolation nearest, "
-    "which refuses jpeg); OME-Zarr: zstd|zlib|none (default zstd, Blosc).",
+    help="OME-TIFF: jpeg|zlib|zstd|none (default jpeg for brightfield RGB; zlib with "
+    "--interpolation nearest and for fluorescence and labels, which refuse jpeg); "
+    "OME-Zarr: zstd|zlib|none (default zstd, Blosc).",
 )
 @tile_option("; an OME-Zarr's chunks are --chunk")
+@channels_option()
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler.")
 @click.option(
     "--workers",
@@ -106,6 +110,7 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
     ngff_version: str,
     compression: str | None,
     tile: int,
+    channels: tuple[str, ...] | None,
     scheduler: str | None,
     workers: int | None,
     threads: int | None,
@@ -113,6 +118,9 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
     overwrite: bool,
 ) -> None:
     """Resample SOURCE (any slide in the source's frame) into target space through TRANSFORM.
+
+    Every channel is warped at its own dtype with its name: brightfield as RGB, fluorescence
+    (all channels, or --channels) and label images (--interpolation nearest) as stored.
 
     TRANSFORM is a transform directory, a `wsireg register` output directory, an ITK
     displacement image (.mha, .nrrd, .nii, .nii.gz) or an OME-NGFF 0.6 displacements zarr
@@ -135,6 +143,7 @@ def warp(  # noqa: PLR0913 - click passes each option as one argument
         ngff_version=ngff_version,
         compression=compression,
         tile=tile,
+        channels=channels,
         scheduler=scheduler,
         workers=workers,
         threads=threads,

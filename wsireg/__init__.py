@@ -29,6 +29,7 @@ _LAZY = {
     "batch": "wsireg.run.batch",
     "evaluate": "wsireg.run.evaluate",
     "stack": "wsireg.run.stack",
+    "merge": "wsireg.io.merge",
     "WsiregError": "wsireg.errors",
     "SlideError": "wsireg.errors",
 }

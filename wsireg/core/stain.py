@@ -22,7 +22,6 @@ so a block computed out of core equals the same pixels of a whole-image pass.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import cv2
@@ -30,6 +29,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsireg.core.dyes import (  # noqa: F401 - re-exported: the dyes are part of this module's rules
+    DAB,
+    EOSIN,
+    EOSIN_HE,
+    HEMATOXYLIN,
+    HEMATOXYLIN_HE,
+    dye_basis,
+    haematoxylin_unmix,
+)
 from wsireg.errors import InputError
 
 # --------------------------------------------------------------------------------------------
@@ -104,29 +112,7 @@ def relative_od_magnitude(rgb: np.ndarray) -> np.ndarray:
 # Dyes
 # --------------------------------------------------------------------------------------------
 
-HEMATOXYLIN = (0.650, 0.704, 0.286)
-"""Optical density (R, G, B) of unit hematoxylin (Ruifrok & Johnston)."""
-EOSIN = (0.072, 0.990, 0.105)
-"""Optical density (R, G, B) of unit eosin (Ruifrok & Johnston)."""
-HEMATOXYLIN_HE = (0.5626, 0.7201, 0.4062)
-"""Hematoxylin as seen in typical H&E scans (Macenko reference vector)."""
-EOSIN_HE = (0.2159, 0.8012, 0.5581)
-"""Eosin as seen in typical H&E scans (Macenko reference vector)."""
-DAB = (0.268, 0.570, 0.776)
-"""Optical density (R, G, B) of unit DAB (Ruifrok & Johnston)."""
-
-
-def dye_basis() -> np.ndarray:
-    """``(3, 3)`` rows: the unit optical-density vectors (R, G, B) of :data:`HEMATOXYLIN`,
-    :data:`EOSIN` and :data:`DAB`, so ``OD = c @ dye_basis()`` for dye amounts ``c``."""
-    basis = np.array([HEMATOXYLIN, EOSIN, DAB], dtype=np.float64)
-    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
-
-
-@functools.cache
-def _haematoxylin_unmix() -> tuple[float, float, float]:
-    """The column of ``dye_basis()^-1`` that gives the haematoxylin amount."""
-    return tuple(float(v) for v in np.linalg.inv(dye_basis())[:, 0])
+# The dye vectors and colour deconvolution live in the torch-free :mod:`wsireg.core.dyes`.
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +165,7 @@ def haematoxylin(rgb: Tensor, reference: float = OD_REFERENCE) -> Tensor:
     most special stains share, while eosin and DAB mark structures that differ by stain.
     """
     od = _network_od(rgb)
-    unmix = od.new_tensor(_haematoxylin_unmix()).view(1, 3, 1, 1)
+    unmix = od.new_tensor(haematoxylin_unmix()).view(1, 3, 1, 1)
     amount = (od * unmix).sum(dim=1, keepdim=True)
     return (amount / reference).clamp(0.0, 1.0)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,8 @@ from wsireg.engine.options import no_overrides_left, take_overrides
 from wsireg.engine.parallel import Execution, cluster_client, map_on_cluster, run_threaded
 from wsireg.engine.transform import SlideRef, Transform
 from wsireg.errors import InputError, TransformError
-from wsireg.io.convert import FORMATS
+from wsireg.io.channels import Channels
+from wsireg.io.convert import FORMATS, check_compression, written_channels
 from wsireg.io.ngff import (
     NGFF_VERSIONS,
     ZARR_COMPRESSIONS,
@@ -178,10 +180,74 @@ def warp_block(
     interpolation: str = "linear",
 ) -> np.ndarray:
     """Pixels ``[y0:y0+h, x0:x0+w]`` (``box = (y0, x0, h, w)``) of the target grid at
-    ``out_downsample``, taken from ``source`` through ``transform``: (h, w, 3) uint8.
+    ``out_downsample``, taken from ``source`` through ``transform``: (h, w, 3) uint8, the RGB
+    :meth:`Slide.read` gives (a brightfield slide, or its shown channel).
 
     Outside the source slide the result is white.
     """
+    return _resample(
+        transform,
+        source,
+        box,
+        out_downsample,
+        source_level,
+        interpolation,
+        _Samples(source.read, 3, np.dtype(np.uint8), 255),
+    )
+
+
+def warp_channels_block(
+    transform: Transform,
+    source: Slide,
+    box: tuple[int, int, int, int],
+    out_downsample: float = 1.0,
+    *,
+    source_level: int | None = None,
+    interpolation: str = "linear",
+    channels: Sequence[int] | None = None,
+) -> np.ndarray:
+    """As :func:`warp_block`, of the samples as stored (:meth:`Slide.read_channels`): ``(h, w,
+    c)`` at the source's dtype, the ``channels`` given (``None``: all). Outside the source
+    slide: the channels' background (255 brightfield, else 0). Linear interpolation of
+    integers rounds to the nearest value; nearest keeps values exactly."""
+    info = source.channels
+    count = info.count if channels is None else len(channels)
+
+    def read(level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return source.read_channels(level, y0, x0, h, w, channels)
+
+    return _resample(
+        transform,
+        source,
+        box,
+        out_downsample,
+        source_level,
+        interpolation,
+        _Samples(read, count, info.dtype, info.background),
+    )
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """What a block resamples: ``read(level, y0, x0, h, w)`` gives ``(h, w, count)`` of
+    ``dtype``; ``fill`` outside the source."""
+
+    read: Callable[[int, int, int, int, int], np.ndarray]
+    count: int
+    dtype: np.dtype
+    fill: int
+
+
+def _resample(
+    transform: Transform,
+    source: Slide,
+    box: tuple[int, int, int, int],
+    out_downsample: float,
+    source_level: int | None,
+    interpolation: str,
+    samples: _Samples,
+) -> np.ndarray:
+    """The block warp of :func:`warp_block` for any :class:`_Samples`."""
     y0, x0, h, w = box
     needed = out_downsample * transform_scale(transform)
     level = source.get_best_level_for_downsample(needed) if source_level is None else source_level
@@ -198,7 +264,7 @@ def warp_block(
         bx1 = min(math.floor(x_hi) + 2 + 2 * factor, sw + factor)
         by1 = min(math.floor(y_hi) + 2 + 2 * factor, sh + factor)
         if bx1 <= bx0 or by1 <= by0:  # the whole block maps outside the source
-            return np.full((h, w, 3), 255, np.uint8)
+            return np.full((h, w, samples.count), samples.fill, samples.dtype)
         if (bx1 - bx0) * (by1 - by0) <= MAX_BOX_PIXELS or level == source.level_count - 1:
             break
         level += 1
@@ -208,18 +274,80 @@ def warp_block(
             bx0 + -(-(bx1 - bx0) // factor) * factor,
             by0 + -(-(by1 - by0) // factor) * factor,
         )
-    box = source.read(level, by0, bx0, by1 - by0, bx1 - bx0)
+    pixels = samples.read(level, by0, bx0, by1 - by0, bx1 - bx0)
     map_x, map_y = maps.relative(bx0, by0)
     if factor > 1:
         size = ((bx1 - bx0) // factor, (by1 - by0) // factor)
-        box = cv2.resize(box, size, interpolation=cv2.INTER_AREA)
+        pixels = _area_mean(pixels, size)
         shift = (factor - 1) / 2.0
         map_x = (map_x - shift) / factor
         map_y = (map_y - shift) / factor
-    flag = cv2.INTER_NEAREST if interpolation == "nearest" else cv2.INTER_LINEAR
-    return cv2.remap(
-        box, map_x, map_y, flag, borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255)
+    return _remap(pixels, map_x, map_y, interpolation, samples.fill)
+
+
+#: dtypes OpenCV resamples natively; others are resampled in float32 (linear) or gathered
+#: (nearest).
+_OPENCV_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
+
+
+def _area_mean(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` ``(h, w, c)`` area-averaged to ``size = (w', h')`` (whole cells), same dtype."""
+    if pixels.dtype in _OPENCV_DTYPES:
+        out = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    else:
+        out = _cast(
+            cv2.resize(pixels.astype(np.float32), size, interpolation=cv2.INTER_AREA), pixels.dtype
+        )
+    return out.reshape(size[1], size[0], pixels.shape[2])
+
+
+def _remap(
+    pixels: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, interpolation: str, fill: int
+) -> np.ndarray:
+    """``pixels`` ``(h, w, c)`` sampled at ``(map_x, map_y)`` (OpenCV ``remap``, bilinear or
+    nearest; ``fill`` outside), ``(h', w', c)`` of the same dtype."""
+    count = pixels.shape[2]
+    shape = (*map_x.shape, count)
+    if pixels.dtype in _OPENCV_DTYPES:
+        flag = cv2.INTER_NEAREST if interpolation == "nearest" else cv2.INTER_LINEAR
+        border = (fill,) * min(count, 4)
+        out = cv2.remap(
+            pixels, map_x, map_y, flag, borderMode=cv2.BORDER_CONSTANT, borderValue=border
+        )
+        return out.reshape(shape)
+    if interpolation == "nearest":
+        return _gather_nearest(pixels, map_x, map_y, fill)
+    widened = cv2.remap(
+        pixels.astype(np.float32),
+        map_x,
+        map_y,
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(float(fill),) * min(count, 4),
     )
+    return _cast(widened.reshape(shape), pixels.dtype)
+
+
+def _gather_nearest(
+    pixels: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, fill: int
+) -> np.ndarray:
+    """Nearest sampling of any dtype, exactly as OpenCV's: indices rounded half to even,
+    ``fill`` where an index lies outside ``pixels``."""
+    h, w = pixels.shape[:2]
+    ix = np.rint(map_x).astype(np.int64)
+    iy = np.rint(map_y).astype(np.int64)
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    out = np.full((*map_x.shape, pixels.shape[2]), fill, pixels.dtype)
+    out[inside] = pixels[iy[inside], ix[inside]]
+    return out
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float ``values`` as ``dtype``: integers rounded and clipped to the dtype's range."""
+    if np.issubdtype(dtype, np.integer):
+        limits = np.iinfo(dtype)
+        return np.clip(np.rint(values), limits.min, limits.max).astype(dtype)
+    return values.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +365,9 @@ class WarpOptions:
     :data:`~wsireg.io.tiff.TIFF_COMPRESSIONS`; ``"jpeg"`` (lossy) is refused with
     ``"nearest"``, whose labels must stay exact. ``tile``: the OME-TIFF tile side (px, a
     multiple of 16 in :data:`MIN_TILE` .. :data:`MAX_TILE`); an OME-Zarr's is ``chunk``.
+    ``channels``: the channels of a fluorescence source to write (names or indices, in
+    order; ``None``: all). A brightfield source is written as RGB, a label image (one
+    channel) with ``"nearest"`` only.
     """
 
     level: int = 0
@@ -246,6 +377,7 @@ class WarpOptions:
     ngff_version: str = "0.4"
     compression: str | None = None
     tile: int = 512
+    channels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK <= self.chunk <= MAX_CHUNK:
@@ -278,14 +410,18 @@ class WarpOptions:
                 "use zlib, zstd or none"
             )
 
-    def output_compression(self) -> str:
-        """``compression``, or the format's default: ``"zstd"`` for an OME-Zarr, ``"jpeg"``
-        for an OME-TIFF (``"zlib"``, lossless, with ``"nearest"`` interpolation)."""
+    def output_compression(self, kind: str = "brightfield") -> str:
+        """``compression``, or the format's default for a source of ``kind``
+        (:data:`wsireg.io.channels.KINDS`): ``"zstd"`` for an OME-Zarr; for an OME-TIFF
+        ``"jpeg"`` for brightfield RGB, ``"zlib"`` (lossless) for ``"nearest"`` interpolation
+        and for fluorescence and labels."""
         if self.compression is not None:
             return self.compression
         if self.fmt == "ome-zarr":
             return "zstd"
-        return "zlib" if self.interpolation == "nearest" else "jpeg"
+        if self.interpolation == "nearest" or kind != "brightfield":
+            return "zlib"
+        return "jpeg"
 
     def zarr_layout(self) -> ZarrLayout:
         """The layout of the (staged) OME-Zarr: the output's compression for an OME-Zarr, the
@@ -293,9 +429,25 @@ class WarpOptions:
         compression = self.output_compression() if self.fmt == "ome-zarr" else "zstd"
         return ZarrLayout(chunk=self.chunk, ngff_version=self.ngff_version, compression=compression)
 
-    def tiff_layout(self) -> TiffLayout:
-        """The layout of an OME-TIFF output."""
-        return TiffLayout(tile=self.tile, compression=self.output_compression())
+    def tiff_layout(self, kind: str = "brightfield") -> TiffLayout:
+        """The layout of an OME-TIFF output of a source of ``kind``."""
+        return TiffLayout(tile=self.tile, compression=self.output_compression(kind))
+
+    def written_channels(self, source: Slide) -> tuple[Channels, list[int] | None]:
+        """What the output holds of ``source``'s channels, and their indices as stored
+        (:attr:`channels` resolved; ``None`` for brightfield RGB, warped as
+        :meth:`Slide.read` gives it). Else a one-line :class:`~wsireg.errors.InputError`
+        naming the source: a selection of a brightfield slide, linear interpolation of
+        labels, JPEG of anything but RGB."""
+        info, indices = written_channels(source, self.channels)
+        if info.kind == "labels" and self.interpolation != "nearest":
+            raise InputError(
+                source.path,
+                "is a label image: warp it with --interpolation nearest "
+                "(linear would blend label values)",
+            )
+        check_compression(source, info, self.output_compression(info.kind))
+        return info, indices
 
 
 #: Past a slide's own levels, output grids keep halving while their longest side is this long.
@@ -364,6 +516,7 @@ class _WarpJob:
     out_downsample: float
     source_level: int
     interpolation: str
+    channels: list[int] | None = None  # the source's channels as stored; None: RGB
     transform: Transform | None = None
     source: Slide | None = None
     output: zarr.Array | None = None
@@ -387,14 +540,25 @@ class _WarpJob:
         cv2.setNumThreads(1)  # the scheduler provides the parallelism
         self.open()
         assert self.transform is not None and self.source is not None and self.output is not None
-        block = warp_block(
-            self.transform,
-            self.source,
-            box,
-            self.out_downsample,
-            source_level=self.source_level,
-            interpolation=self.interpolation,
-        )
+        if self.channels is None:
+            block = warp_block(
+                self.transform,
+                self.source,
+                box,
+                self.out_downsample,
+                source_level=self.source_level,
+                interpolation=self.interpolation,
+            )
+        else:
+            block = warp_channels_block(
+                self.transform,
+                self.source,
+                box,
+                self.out_downsample,
+                source_level=self.source_level,
+                interpolation=self.interpolation,
+                channels=self.channels,
+            )
         y0, x0, h, w = box
         self.output[:, y0 : y0 + h, x0 : x0 + w] = np.moveaxis(block, -1, 0)
 
@@ -459,16 +623,17 @@ def warp(
     check_not_a_view(slide)
     out = check_output(check_output_path(out, (transform.path, slide.path)), overwrite)
     check_source(transform, slide)
+    written, indices = options.written_channels(slide)
     # an OME-TIFF is transcoded from an OME-Zarr staged beside it, then removed
     zarr_out = out if options.fmt == "ome-zarr" else out.with_name(f"{out.name}.zarr-tmp")
     replace_zarr = overwrite or zarr_out != out
     timings = {} if timings is None else timings
     inputs = (transform.path, slide.path)
-    fingerprint = _job_fingerprint(transform, slide, options)
+    fingerprint = _job_fingerprint(transform, slide, options, written)
     with staged_output(
         zarr_out, replace_zarr, resume, fingerprint=fingerprint, inputs=inputs
     ) as stage:
-        group, job = _staged_job(transform, slide, stage, options)
+        group, job = _staged_job(transform, slide, stage, options, (written, indices))
         done = existing_chunks(group["0"])
         chunk = options.chunk
         todo = [
@@ -485,14 +650,19 @@ def warp(
             leftover.unlink()
     if options.fmt == "ome-tiff":
         mpp = _output_mpp(transform, job.out_downsample)
-        _transcode_to_tiff(zarr_out, out, options.tiff_layout(), mpp, overwrite)
+        layout = options.tiff_layout(written.kind)
+        _transcode_to_tiff(zarr_out, out, layout, mpp, overwrite, written, Path(slide.path).name)
     return out
 
 
-def _job_fingerprint(transform: Transform, slide: Slide, options: WarpOptions) -> dict[str, Any]:
+def _job_fingerprint(
+    transform: Transform, slide: Slide, options: WarpOptions, written: Channels
+) -> dict[str, Any]:
     """What a staged warp output is made of: the transform (affines and the identity of each
-    field's content), the source slide and the options; a resumed warp must match it."""
+    field's content), the source slide, the channels written and the options; a resumed warp
+    must match it."""
     return {
+        "channels": list(written.names),
         "transform": transform.fingerprint(),
         "source": str(Path(slide.path).resolve()),
         "source_shape": list(slide.level_shape(0)),
@@ -505,10 +675,16 @@ def _job_fingerprint(transform: Transform, slide: Slide, options: WarpOptions) -
 
 
 def _staged_job(
-    transform: Transform, slide: Slide, stage: Path, options: WarpOptions
+    transform: Transform,
+    slide: Slide,
+    stage: Path,
+    options: WarpOptions,
+    channels: tuple[Channels, list[int] | None],
 ) -> tuple[zarr.Group, _WarpJob]:
     """The staged OME-Zarr of the output (the one a killed run of the same job left when
-    resuming, else a new one) and the chunk job writing its level 0."""
+    resuming, else a new one) and the chunk job writing its level 0: ``channels`` as
+    :meth:`WarpOptions.written_channels` gives them."""
+    written, indices = channels
     shape, out_ds = output_grid(transform, options.level)
     mpp = _output_mpp(transform, out_ds)
     if (stage / "0").exists():
@@ -517,11 +693,12 @@ def _staged_job(
         group = create_ome_zarr(
             stage,
             shape,
-            3,
-            np.uint8,
+            written.count,
+            written.dtype,
             layout=options.zarr_layout(),
             mpp=mpp,
             name=Path(slide.path).name,
+            channel_info=written,
         )
     job = _WarpJob(
         str(transform.path) if transform.path else None,
@@ -530,6 +707,7 @@ def _staged_job(
         out_ds,
         choose_source_level(slide, transform, out_ds),
         options.interpolation,
+        indices,
         transform=transform,
         source=slide,
         output=group["0"],
@@ -574,11 +752,22 @@ def _transcode_to_tiff(
     layout: TiffLayout,
     mpp: tuple[float, float] | None,
     overwrite: bool,
+    written: Channels,
+    name: str,
 ) -> None:
     """The output format step of an OME-TIFF: the finished OME-Zarr streamed into ``out``
-    laid out as ``layout`` (:func:`wsireg.io.tiff.write_ome_tiff_levels`), then removed."""
+    laid out as ``layout`` (:func:`wsireg.io.tiff.write_ome_tiff_levels`), the image named
+    ``name``, then removed."""
     try:
         levels = level_arrays(zarr.open_group(str(zarr_path), mode="r"))
-        write_ome_tiff_levels(levels, out, layout=layout, mpp=mpp, overwrite=overwrite)
+        write_ome_tiff_levels(
+            levels,
+            out,
+            layout=layout,
+            mpp=mpp,
+            name=name,
+            overwrite=overwrite,
+            channel_info=written,
+        )
     finally:
         remove(zarr_path)

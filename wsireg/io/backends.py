@@ -1,24 +1,29 @@
 """Slide backends: one private reader per format behind :class:`Backend`, and the rule that picks
 one for a path (:func:`open_backend`; the formats are listed in :mod:`wsireg.io.slide`).
 
-A backend knows its level shapes ``(H, W)`` and native tile sides, and reads an in-bounds region
-of a level as ``(h, w, 3)`` uint8 RGB, transparent or missing pixels composited on white
-(:func:`to_rgb_on_white`). :class:`wsireg.io.slide.Slide` is the only user (a registered view,
+A backend knows its level shapes ``(H, W)``, native tile sides and :class:`Channels`
+(:mod:`wsireg.io.channels`). A brightfield backend reads an in-bounds region of a level as
+``(h, w, 3)`` uint8 RGB, transparent or missing pixels composited on white
+(:func:`to_rgb_on_white`); every backend reads it as stored, ``(h, w, C)`` at the channels'
+dtype (:meth:`Backend.read_native`): for brightfield that is the same RGB.
+:class:`wsireg.io.slide.Slide` is the only user (a registered view,
 :mod:`wsireg.engine.view`, gives it a backend whose pixels are computed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import openslide
 import tifffile
 import zarr
@@ -26,6 +31,7 @@ from PIL import Image
 
 from wsireg.core.coords import micrometres_per
 from wsireg.errors import SlideError
+from wsireg.io.channels import RGB, Channels, classify, color_from_ome
 from wsireg.io.ngff import read_ome_zarr_levels
 
 _PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2"}
@@ -33,6 +39,8 @@ _PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2"}
 MAX_PLAIN_PIXELS = 1 << 30
 #: Bytes of decoded tiles a slide keeps (see :class:`TileCache`).
 TILE_CACHE_BYTES = 96 << 20
+#: Longest side of the sample of a coarse level a backend classifies its channels on.
+SAMPLE_SIDE = 2048
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,13 +117,14 @@ def read_tiles(
     tile: tuple[int, int],
     channels: int,
     get_tile: Callable[[int, int], np.ndarray],
+    dtype: npt.DTypeLike = np.uint8,
 ) -> np.ndarray:
     """Pixels ``box = (y0, x0, h, w)`` (inside the grid) of a grid cut into ``tile = (th, tw)``
     tiles (those of the last row and column may be short), assembled from ``get_tile(ty, tx)``
-    (the tile of row ``ty``, column ``tx``): ``(h, w, channels)`` uint8."""
+    (the tile of row ``ty``, column ``tx``): ``(h, w, channels)`` of ``dtype``."""
     y0, x0, h, w = box
     th, tw = tile
-    out = np.empty((h, w, channels), np.uint8)
+    out = np.empty((h, w, channels), dtype)
     for ty in range(y0 // th, (y0 + h - 1) // th + 1):
         for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
             pixels = get_tile(ty, tx)
@@ -138,9 +147,19 @@ class Backend:
     vendor = "unknown"
     level_shapes: list[tuple[int, int]]
     tile_sides: list[int | None]
+    channels: Channels = RGB
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """An in-bounds region as ``(h, w, 3)`` uint8 RGB (brightfield backends)."""
         raise NotImplementedError
+
+    def read_native(
+        self, level: int, y0: int, x0: int, h: int, w: int, channels: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """An in-bounds region as stored: ``(h, w, c)`` at ``self.channels.dtype``, the
+        ``channels`` given (indices; ``None``: all). Brightfield: :meth:`read`."""
+        pixels = self.read(level, y0, x0, h, w)
+        return pixels if channels is None else pixels[..., list(channels)]
 
     def properties(self) -> dict[str, str]:
         return {}
@@ -198,7 +217,31 @@ class _OpenSlideBackend(Backend):
         self._osr.close()
 
 
-class _TiffBackend(Backend):
+class _TifffileBackend(Backend):
+    """What the tifffile backends share: the file's description, OME-XML and pixel size."""
+
+    _tif: tifffile.TiffFile
+    _series: tifffile.TiffPageSeries
+
+    def properties(self) -> dict[str, str]:
+        page = self._tif.pages[0]
+        props = {"tiff.ImageDescription": page.description or ""}
+        if self._tif.is_ome:
+            props["ome.xml"] = self._tif.ome_metadata or ""
+        return props
+
+    def mpp(self) -> tuple[float, float] | None:
+        if self._tif.is_ome:
+            found = _ome_xml_mpp(self._tif.ome_metadata or "")
+            if found:
+                return found
+        return _tiff_resolution_mpp(self._series.levels[0].pages[0])
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class _TiffBackend(_TifffileBackend):
     """tifffile's zarr view of a tiled RGB pyramid: tiles decoded straight to RGB."""
 
     name = "tifffile"
@@ -247,23 +290,6 @@ class _TiffBackend(Backend):
         th, tw = array.chunks[:2]
         return np.asarray(array[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw])
 
-    def properties(self) -> dict[str, str]:
-        page = self._tif.pages[0]
-        props = {"tiff.ImageDescription": page.description or ""}
-        if self._tif.is_ome:
-            props["ome.xml"] = self._tif.ome_metadata or ""
-        return props
-
-    def mpp(self) -> tuple[float, float] | None:
-        if self._tif.is_ome:
-            found = _ome_xml_mpp(self._tif.ome_metadata or "")
-            if found:
-                return found
-        return _tiff_resolution_mpp(self._series.levels[0].pages[0])
-
-    def close(self) -> None:
-        self._tif.close()
-
 
 class _MetadataFrom(Backend):
     """Pixels from one backend (fast), metadata and associated images from another."""
@@ -274,7 +300,9 @@ class _MetadataFrom(Backend):
         self.vendor = metadata.vendor
         self.level_shapes = pixels.level_shapes
         self.tile_sides = pixels.tile_sides
+        self.channels = pixels.channels
         self.read = pixels.read  # type: ignore[method-assign]
+        self.read_native = pixels.read_native  # type: ignore[method-assign]
 
     def properties(self) -> dict[str, str]:
         return self._meta.properties()
@@ -293,7 +321,38 @@ class _MetadataFrom(Backend):
         self._meta.close()
 
 
-class _OmeZarrBackend(Backend):
+class _NamedAxesBackend(Backend):
+    """Levels held as arrays whose axes are named (``_axis_names``: ``y``, ``x``, ``c``, or
+    anything else, read at its first plane): samples as stored, any dtype; RGB as 8 bits."""
+
+    _levels: list[zarr.Array]
+    _axis_names: list[str]
+
+    def _sample(self) -> np.ndarray:
+        """The centre of the coarsest level (:func:`centre_box`), what channels are
+        classified on."""
+        return self._block(len(self._levels) - 1, *centre_box(self.level_shapes[-1]), None)
+
+    def _block(
+        self, level: int, y0: int, x0: int, h: int, w: int, channels: Sequence[int] | None
+    ) -> np.ndarray:
+        return _axes_block(self._levels[level], self._axis_names, (y0, x0, h, w), channels)
+
+    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return to_rgb_on_white(_to_uint8(self._block(level, y0, x0, h, w, None)))
+
+    def read_native(
+        self, level: int, y0: int, x0: int, h: int, w: int, channels: Sequence[int] | None = None
+    ) -> np.ndarray:
+        if self.channels.kind == "brightfield":
+            return super().read_native(level, y0, x0, h, w, channels)
+        return self._block(level, y0, x0, h, w, channels)
+
+
+class _OmeZarrBackend(_NamedAxesBackend):
+    """The first multiscale image of an OME-Zarr; channels from ``omero`` (names, colours)
+    and ``image-label`` (labels), classified by :func:`wsireg.io.channels.classify`."""
+
     name = "ome-zarr"
     vendor = "ome-zarr"
 
@@ -303,31 +362,24 @@ class _OmeZarrBackend(Backend):
         self._axes = [str(a).lower() for a in axes] or ["c", "y", "x"]
         if not {"y", "x"} <= set(self._axes):
             raise ValueError(f"multiscale axes {self._axes} have no y and x")
+        self._levels, self._axis_names = self._arrays, self._axes
         self.level_shapes = [self._yx_shape(a) for a in self._arrays]
         self.tile_sides = [int(a.chunks[self._axes.index("x")]) for a in self._arrays]
+        count = int(self._arrays[0].shape[self._axes.index("c")]) if "c" in self._axes else 1
+        omero = (self._meta.get("omero") or {}).get("channels") or []
+        names = [c.get("label") for c in omero if isinstance(c, dict)][:count]
+        colors = [c.get("color") for c in omero if isinstance(c, dict)][:count]
+        self.channels = classify(
+            self._arrays[0].dtype,
+            count,
+            self._sample(),
+            names,
+            colors,
+            declared_labels=_declares_labels(path),
+        )
 
     def _yx_shape(self, array: zarr.Array) -> tuple[int, int]:
         return (int(array.shape[self._axes.index("y")]), int(array.shape[self._axes.index("x")]))
-
-    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        array = self._arrays[level]
-        index: list[slice | int] = []
-        for axis in self._axes:
-            if axis == "y":
-                index.append(slice(y0, y0 + h))
-            elif axis == "x":
-                index.append(slice(x0, x0 + w))
-            elif axis == "c":
-                index.append(slice(None))
-            else:  # t, z: first plane
-                index.append(0)
-        block = np.asarray(array[tuple(index)])
-        kept = [a for a in self._axes if a in ("c", "y", "x")]
-        if "c" not in kept:
-            block = block[None] if kept == ["y", "x"] else block
-            kept = ["c", "y", "x"]
-        block = np.moveaxis(block, [kept.index("y"), kept.index("x"), kept.index("c")], [0, 1, 2])
-        return to_rgb_on_white(_to_uint8(block))
 
     def mpp(self) -> tuple[float, float] | None:
         scale = self._meta.get("scale_um")
@@ -338,6 +390,135 @@ class _OmeZarrBackend(Backend):
             "ome-zarr.version": str(self._meta.get("version", "")),
             "ome-zarr.name": str(self._meta.get("name", "")),
         }
+
+
+def _declares_labels(path: Path) -> bool:
+    """Whether the image group (or its bioformats2raw image ``0``) has ``image-label``."""
+    with contextlib.suppress(Exception):
+        root = zarr.open_group(str(path), mode="r")
+        for group in (root, root.get("0")):
+            if isinstance(group, zarr.Group):
+                attrs = group.attrs.asdict()
+                if "image-label" in attrs.get("ome", attrs):
+                    return True
+    return False
+
+
+class _ChannelTiffBackend(_TifffileBackend, _NamedAxesBackend):
+    """A TIFF / OME-TIFF whose samples are not RGB uint8 (fluorescence, labels, grey): the
+    series 0 pyramid through tifffile's zarr view, any dtype, tiled or striped. Axes: ``Y``,
+    ``X``, and one channel axis (``C``, ``S``, or another axis of several planes); other axes
+    (``T``, ``Z``) at their first plane. Channel names and colours from the OME-XML."""
+
+    name = "tifffile"
+
+    def __init__(self, path: Path) -> None:
+        self._tif = tifffile.TiffFile(str(path))
+        try:
+            series = self._tif.series[0]
+            self._axes = series.axes.upper()
+            self._channel_axis = _channel_axis(self._axes, series.shape)
+            group = zarr.open(series.aszarr(), mode="r")
+            self._levels = (
+                [group[str(i)] for i in range(len(series.levels))]
+                if isinstance(group, zarr.Group)
+                else [group]
+            )
+            self._axis_names = [
+                "c" if i == self._channel_axis else {"Y": "y", "X": "x"}.get(a, "plane")
+                for i, a in enumerate(self._axes)
+            ]
+            y, x = self._axes.index("Y"), self._axes.index("X")
+            self.level_shapes = [(int(a.shape[y]), int(a.shape[x])) for a in self._levels]
+            page = series.levels[0].pages[0]
+            self.tile_sides = [
+                (int(lv.pages[0].tilewidth) or None) if lv.pages[0].is_tiled else None
+                for lv in series.levels
+            ]
+            count = 1 if self._channel_axis is None else int(series.shape[self._channel_axis])
+            names, colors = _ome_channels(self._tif.ome_metadata if self._tif.is_ome else None)
+            self.channels = classify(
+                series.dtype,
+                count,
+                self._sample(),
+                names[:count] if len(names) >= count else (),
+                colors[:count] if len(colors) >= count else (),
+                interleaved_rgb=page.photometric in (2, 6) and self._channel_axis is not None,
+            )
+            self._series = series
+            self._tiles = TileCache()
+        except Exception:
+            self._tif.close()
+            raise
+        self.vendor = "ome-tiff" if self._tif.is_ome else "generic-tiff"
+
+
+def centre_box(shape: tuple[int, int], side: int = SAMPLE_SIDE) -> tuple[int, int, int, int]:
+    """``(y0, x0, h, w)``: the centre of a level of ``shape``, at most ``side`` a side (what
+    a coarse level is sampled on)."""
+    h, w = shape
+    sh, sw = min(h, side), min(w, side)
+    return (h - sh) // 2, (w - sw) // 2, sh, sw
+
+
+def _axes_block(
+    array: zarr.Array,
+    axes: Sequence[str],
+    box: tuple[int, int, int, int],
+    channels: Sequence[int] | None,
+) -> np.ndarray:
+    """``box = (y0, x0, h, w)`` of an array whose axes are named ``y``, ``x``, ``c`` (the
+    ``channels`` given, ``None``: all) or anything else (its first plane): ``(h, w, c)``."""
+    y0, x0, h, w = box
+    index: list[slice | int | list[int]] = []
+    for axis in axes:
+        if axis == "y":
+            index.append(slice(y0, y0 + h))
+        elif axis == "x":
+            index.append(slice(x0, x0 + w))
+        elif axis == "c":
+            index.append(slice(None) if channels is None else list(channels))
+        else:
+            index.append(0)
+    block = np.asarray(array.oindex[tuple(index)])
+    kept = [a for a in axes if a in ("c", "y", "x")]
+    if "c" not in kept:
+        return block[..., None] if kept == ["y", "x"] else block.T[..., None]
+    return np.moveaxis(block, [kept.index("y"), kept.index("x"), kept.index("c")], [0, 1, 2])
+
+
+def _channel_axis(axes: str, shape: Sequence[int]) -> int | None:
+    """Index of the channel axis of a tifffile series: ``C`` or ``S`` (not both with several
+    planes), else the one other axis of several planes, else ``None`` (one channel)."""
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"series axes {axes} have no Y and X")
+    several = [i for i, a in enumerate(axes) if a not in "YX" and shape[i] > 1]
+    named = [i for i in several if axes[i] in "CS"]
+    if len(named) == 1 and len(several) <= 2:
+        return named[0]
+    if not named and len(several) == 1:
+        return several[0]
+    if not several:
+        return None
+    raise ValueError(f"series axes {axes} {tuple(shape)}: more than one axis of several planes")
+
+
+def _ome_channels(xml: str | None) -> tuple[list[str | None], list[str | None]]:
+    """Names and colours (``RRGGBB``) of the Channel elements of the first OME Image."""
+    if not xml:
+        return [], []
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return [], []
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            found = [c for c in element if c.tag.endswith("Channel")]
+            return (
+                [c.get("Name") for c in found],
+                [color_from_ome(c.get("Color")) for c in found],
+            )
+    return [], []
 
 
 class _PlainImageBackend(Backend):
@@ -439,6 +620,14 @@ def _open_tiled(path: Path, suffix: str) -> Backend:
     tiff_backend = (
         _try(_TiffBackend, path, "tifffile", failures) if _looks_like_tiff(path) else None
     )
+    if tiff_backend is None and _looks_like_tiff(path):
+        channel_backend = _try(_ChannelTiffBackend, path, "tifffile", failures)
+        if channel_backend is not None and channel_backend.channels.kind != "brightfield":
+            if openslide_backend is not None:
+                openslide_backend.close()  # it would show these samples as RGB
+            return channel_backend
+        if channel_backend is not None:
+            channel_backend.close()
     chosen = _prefer(tiff_backend, openslide_backend)
     if chosen is not None:
         return chosen

@@ -9,12 +9,13 @@ level is checked by :func:`wsireg.io.slide.check_level`; the output's pixel size
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from wsireg.errors import SlideError
+from wsireg.errors import InputError, SlideError
+from wsireg.io.channels import Channels
 from wsireg.io.extras import SlideExtras
 from wsireg.io.ngff import DEFAULT_ZARR_LAYOUT, ZarrLayout, write_ome_zarr
 from wsireg.io.output import check_output, check_output_path
@@ -44,6 +45,7 @@ def convert(
     fmt: str | None = None,
     zarr_layout: ZarrLayout = DEFAULT_ZARR_LAYOUT,
     tiff_layout: TiffLayout = DEFAULT_TIFF_LAYOUT,
+    channels: Sequence[str | int] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``level`` of ``slide`` (a slide or its path) to ``out``; returns ``out``.
@@ -51,16 +53,22 @@ def convert(
     An existing ``out`` is refused before the slide is opened (unless ``overwrite``). An
     OME-Zarr output is laid out as ``zarr_layout``, an OME-TIFF as ``tiff_layout``; either is
     named after the slide file and keeps its associated images and vendor properties
-    (:func:`slide_extras`, stored as :mod:`wsireg.io.extras` says). A slide given as a path is
-    opened here and closed at the end.
+    (:func:`slide_extras`, stored as :mod:`wsireg.io.extras` says). The samples are written
+    as stored (:meth:`Slide.channel_level`): brightfield as RGB, fluorescence and labels at
+    their dtype with their names, ``channels`` (names or indices) a selection of a
+    fluorescence slide's. A slide given as a path is opened here and closed at the end.
     """
     out = check_output(out, overwrite)
     with _opened(slide) as opened:
         check_output_path(out, [opened.path])
         check_level(opened.path, level, opened.level_count)
-        image = opened.level(level)
+        info, indices = written_channels(opened, channels)
+        tiff = output_format(out, fmt) == "ome-tiff"
+        if tiff:
+            check_compression(opened, info, tiff_layout.compression)
+        image = opened.level(level) if indices is None else opened.channel_level(level, indices)
         mpp, name, extras = opened.level_mpp(level), Path(opened.path).name, slide_extras(opened)
-        if output_format(out, fmt) == "ome-tiff":
+        if tiff:
             write_ome_tiff(
                 image,
                 out,
@@ -68,6 +76,7 @@ def convert(
                 mpp=mpp,
                 name=name,
                 extras=extras,
+                channel_info=info,
                 overwrite=overwrite,
             )
         else:
@@ -78,9 +87,48 @@ def convert(
                 mpp=mpp,
                 name=name,
                 extras=extras,
+                channel_info=info,
                 overwrite=overwrite,
             )
     return out
+
+
+def written_channels(
+    slide: Slide, channels: Sequence[str | int] | None
+) -> tuple[Channels, list[int] | None]:
+    """What a copy of ``slide`` holds: its channels (``channels`` selected, by name or index)
+    and their indices as stored (``None``: brightfield RGB, read as :meth:`Slide.level`).
+    A selection of a brightfield slide's channels is an :class:`InputError`."""
+    info = slide.channels
+    if info.kind == "brightfield":
+        if channels is not None:
+            raise InputError(
+                slide.path, "is brightfield RGB: its channels are written together (no --channels)"
+            )
+        return info, None
+    indices = (
+        list(range(info.count))
+        if channels is None
+        else info.resolve_many(channels, str(slide.path))
+    )
+    return info.select(indices), indices
+
+
+def check_compression(slide: Slide, info: Channels, compression: str) -> None:
+    """JPEG (lossy, 8-bit) only for brightfield RGB: otherwise an :class:`InputError` naming
+    ``slide``, whose channels ``info`` are written."""
+    if compression == "jpeg" and info.kind != "brightfield":
+        raise InputError(
+            slide.path,
+            f"is {info.kind} ({info.dtype}): JPEG is lossy and 8-bit, only for brightfield RGB; "
+            "use zlib, zstd or none",
+        )
+
+
+def default_tiff_compression(slide: Slide) -> str:
+    """The OME-TIFF compression of a copy of ``slide``: ``"jpeg"`` for brightfield RGB,
+    lossless ``"zlib"`` for fluorescence and labels."""
+    return "jpeg" if slide.channels.kind == "brightfield" else "zlib"
 
 
 def slide_extras(slide: Slide) -> SlideExtras:

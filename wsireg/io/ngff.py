@@ -2,7 +2,11 @@
 
 Pixels come in as ``[y, x, c]`` arrays of shape ``(H, W, C)``, level-0 pixels, and are stored as
 ``[c, y, x]`` with NGFF axes ``c, y, x`` (see :mod:`wsireg.core.coords`). ``mpp`` is ``(x, y)``
-micrometres per level-0 pixel, as :attr:`wsireg.io.slide.Slide.mpp`.
+micrometres per level-0 pixel, as :attr:`wsireg.io.slide.Slide.mpp`. What the channels are
+(brightfield RGB, fluorescence, labels; names, colours) is one
+:class:`wsireg.io.channels.Channels`; it sets the fill value and the ``omero`` rendering
+metadata, whose fluorescence display windows are set from the data once the pyramid is built
+(:func:`update_display_windows`).
 
 Level 0 is written chunk by chunk from a dask array; level ``k`` is then computed from level
 ``k - 1`` read back from disk (:func:`fill_pyramid`), so the memory used does not depend on the
@@ -40,6 +44,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from wsireg.core.coords import micrometres_per
+from wsireg.io.channels import RGB, Channels, fluorescence, labels
 from wsireg.io.extras import ASSOCIATED_GROUP, SlideExtras, checked_picture, group_name
 from wsireg.io.output import staged_output
 from wsireg.io.pyramid import METHODS, downsample2, halved_shapes, level_shapes
@@ -52,7 +57,9 @@ NGFF_VERSIONS = ("0.4", "0.5")
 #: Lossless chunk compressions by name: ``zstd`` (Blosc zstd, :func:`default_compressor`),
 #: ``zlib`` (gzip level 6) and ``none``.
 ZARR_COMPRESSIONS = ("zstd", "zlib", "none")
-RGB_CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+RGB_CHANNELS = tuple(zip(RGB.names, RGB.colors, strict=True))
+#: Percentiles (of the coarsest level's values) that a fluorescence display window spans.
+WINDOW_PERCENTILES = (0.1, 99.9)
 
 
 @dataclass(frozen=True)
@@ -120,11 +127,50 @@ def multiscale_metadata(
     return entry
 
 
-def omero_metadata(channels: int, dtype: np.dtype) -> dict[str, Any] | None:
-    """``omero`` rendering metadata for RGB uint8 images (``None`` for anything else)."""
-    if channels != 3 or np.dtype(dtype) != np.uint8:
+def default_channels(channels: int, dtype: npt.DTypeLike) -> Channels:
+    """What ``channels`` samples of ``dtype`` are when a caller does not say: brightfield RGB
+    for 3 uint8 samples, labels for one integer sample, else fluorescence with default names
+    and colours (:func:`wsireg.io.channels.fluorescence`)."""
+    dtype = np.dtype(dtype)
+    if channels == 3 and dtype == np.uint8:
+        return RGB
+    if channels == 1 and np.issubdtype(dtype, np.integer):
+        return labels(dtype)
+    return fluorescence(channels, dtype)
+
+
+def checked_channels(
+    channel_info: Channels | None, channels: int, dtype: npt.DTypeLike
+) -> Channels:
+    """``channel_info`` (``None``: :func:`default_channels`) after checking that it describes
+    ``channels`` samples of ``dtype``; raises ``ValueError`` when it does not."""
+    if channel_info is None:
+        return default_channels(channels, dtype)
+    if channel_info.count != channels or channel_info.dtype != np.dtype(dtype):
+        raise ValueError(
+            f"channel_info describes {channel_info.count} x {channel_info.dtype}, "
+            f"the image has {channels} x {np.dtype(dtype)}"
+        )
+    return channel_info
+
+
+def dtype_range(dtype: npt.DTypeLike) -> tuple[float, float]:
+    """The display range of ``dtype``: its whole range for integers, 0.0 .. 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return 0.0, 1.0
+
+
+def omero_metadata(channel_info: Channels) -> dict[str, Any] | None:
+    """``omero`` rendering metadata: for brightfield RGB the three channels with a full 0-255
+    window; for fluorescence one linear channel each (label, colour, a window over
+    :func:`dtype_range`); ``None`` for labels."""
+    if channel_info.kind == "labels":
         return None
-    window = {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
+    low, high = dtype_range(channel_info.dtype)
+    window = {"min": low, "max": high, "start": low, "end": high}
     return {
         "channels": [
             {
@@ -136,7 +182,7 @@ def omero_metadata(channels: int, dtype: np.dtype) -> dict[str, Any] | None:
                 "family": "linear",
                 "inverted": False,
             }
-            for label, color in RGB_CHANNELS
+            for label, color in zip(channel_info.names, channel_info.colors, strict=True)
         ],
         "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
     }
@@ -144,15 +190,14 @@ def omero_metadata(channels: int, dtype: np.dtype) -> dict[str, Any] | None:
 
 def group_attributes(
     shapes: Sequence[tuple[int, int]],
-    channels: int,
-    dtype: np.dtype,
+    channel_info: Channels,
     mpp: tuple[float, float] | None,
     name: str | None,
     ngff_version: str,
 ) -> dict[str, Any]:
     """Group attributes of an NGFF ``ngff_version`` image (0.4: top level; 0.5: under ``ome``)."""
     multiscale = multiscale_metadata(shapes, mpp, name)
-    omero = omero_metadata(channels, dtype)
+    omero = omero_metadata(channel_info)
     if ngff_version == "0.4":
         attrs: dict[str, Any] = {"multiscales": [{"version": "0.4", **multiscale}]}
         if omero is not None:
@@ -198,17 +243,21 @@ def create_ome_zarr(
     layout: ZarrLayout = DEFAULT_ZARR_LAYOUT,
     mpp: tuple[float, float] | None = None,
     name: str | None = None,
+    channel_info: Channels | None = None,
 ) -> zarr.Group:
     """Create an empty multiscale OME-Zarr image at ``path`` (which must not exist).
 
     Level arrays ``"0" .. "n-1"`` have shape ``(channels, H_k, W_k)`` and chunks
     ``(1, min(chunk, H_k), min(chunk, W_k))``, laid out as ``layout`` says (:class:`ZarrLayout`).
-    Unwritten chunks read as white for RGB uint8 (0 otherwise).
+    ``channel_info`` says what the channels are (``None``: :func:`default_channels`; it must
+    describe ``channels`` samples of ``dtype``, else ``ValueError``); unwritten chunks read as
+    its background (white for brightfield, 0 otherwise).
     """
     ngff_version, chunk = layout.ngff_version, layout.chunk
     _check_version(ngff_version)
-    shapes = _plan_levels(shape_yx, chunk, layout.levels)
     dtype = np.dtype(dtype)
+    channel_info = checked_channels(channel_info, int(channels), dtype)
+    shapes = _plan_levels(shape_yx, chunk, layout.levels)
     zarr_format = 2 if ngff_version == "0.4" else 3
     compressor = layout.compressor
     if compressor is None:
@@ -216,7 +265,7 @@ def create_ome_zarr(
     if zarr_format == 3 and compressor is not None:
         compressor = _as_v3_codec(compressor)
     group = zarr.open_group(str(path), mode="w-", zarr_format=zarr_format)
-    fill = 255 if (channels == 3 and dtype == np.uint8) else 0
+    fill = channel_info.background
     for k, (h, w) in enumerate(shapes):
         options: dict[str, Any] = {}
         if zarr_format == 2:
@@ -232,7 +281,7 @@ def create_ome_zarr(
             fill_value=fill,
             **options,
         )
-    group.attrs.update(group_attributes(shapes, int(channels), dtype, mpp, name, ngff_version))
+    group.attrs.update(group_attributes(shapes, channel_info, mpp, name, ngff_version))
     return group
 
 
@@ -256,7 +305,8 @@ def fill_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
     Level ``k`` is :func:`wsireg.io.pyramid.downsample2` of level ``k - 1`` (``"mean"`` or
     ``"nearest"``), computed block by block: each task reads a ``2 x 2``-chunk region of
     level ``k - 1`` and writes whole chunks of level ``k``. The method is recorded as the
-    multiscale ``type``.
+    multiscale ``type``; fluorescence display windows are then set from the data
+    (:func:`update_display_windows`).
     """
     if downsample_method not in METHODS:
         raise ValueError(f"unknown downsampling method {downsample_method!r}; use {METHODS}")
@@ -273,38 +323,104 @@ def fill_pyramid(group: zarr.Group, downsample_method: str = "mean") -> None:
             raise ValueError(f"level {k} is {target.shape}, expected {smaller.shape}")
         with _threads(), dask_progress(f"OME-Zarr level {k}"):
             da.store(smaller, target, lock=False, compute=True)
+    update_display_windows(group)
 
 
-def write_ome_zarr(
+def update_display_windows(group: zarr.Group) -> None:
+    """Set each fluorescence channel's ``omero`` window ``start`` / ``end`` to the
+    :data:`WINDOW_PERCENTILES` of its values on the coarsest level (read once), in the
+    channel's pixel units, with ``end > start``; ``min`` / ``max`` widen to hold them (floats
+    may leave 0 .. 1). Nothing changes without ``omero`` or for brightfield RGB."""
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    omero = ome.get("omero")
+    coarsest = level_arrays(group)[-1]
+    if not omero or _is_brightfield(omero, coarsest.dtype):
+        return
+    pixels = np.asarray(coarsest[:])
+    integer = np.issubdtype(pixels.dtype, np.integer)
+    for channel, values in zip(omero["channels"], pixels, strict=True):
+        window = channel["window"]
+        start, end = _percentile_window(values, (window["min"], window["max"]), integer)
+        window.update(
+            start=start, end=end, min=min(window["min"], start), max=max(window["max"], end)
+        )
+    group.attrs.update(attrs)
+
+
+def _is_brightfield(omero: dict[str, Any], dtype: np.dtype) -> bool:
+    """Whether ``omero`` is the rendering of brightfield RGB (:data:`RGB`)."""
+    channels = [(c.get("label"), c.get("color")) for c in omero.get("channels", [])]
+    return np.dtype(dtype) == np.uint8 and channels == list(RGB_CHANNELS)
+
+
+def _percentile_window(
+    values: np.ndarray, limits: tuple[float, float], integer: bool
+) -> tuple[float, float]:
+    """The :data:`WINDOW_PERCENTILES` of the finite ``values`` as ``(start, end)`` with
+    ``end > start``: integers widen to whole values and by one step within ``limits``; floats
+    by a thousandth of ``max(|start|, 1)``. No finite values: ``limits``."""
+    finite = values[np.isfinite(values)] if not integer else values.ravel()
+    if finite.size == 0:
+        return float(limits[0]), float(limits[1])
+    start, end = (float(p) for p in np.percentile(finite, WINDOW_PERCENTILES))
+    if not integer:
+        return start, end if end > start else start + max(abs(start), 1.0) * 1e-3
+    start, end = float(np.floor(start)), float(np.ceil(end))
+    if end <= start:
+        end = start + 1.0
+        if end > limits[1]:
+            start, end = limits[1] - 1.0, limits[1]
+    return start, end
+
+
+def write_ome_zarr(  # noqa: PLR0913 - public keyword-only API: one keyword per output knob
     image: da.Array | np.ndarray,
     path: str | Path,
     *,
     layout: ZarrLayout = DEFAULT_ZARR_LAYOUT,
     mpp: tuple[float, float] | None = None,
     name: str | None = None,
-    downsample_method: str = "mean",
+    downsample_method: str | None = None,
     extras: SlideExtras | None = None,
     overwrite: bool = False,
+    channel_info: Channels | None = None,
 ) -> Path:
     """Write ``image`` (``(H, W, C)``, dask or numpy) as a multiscale OME-Zarr at ``path``.
 
-    See :func:`create_ome_zarr` for the layout; ``extras`` (associated images, vendor
-    properties) as :func:`write_extras`. The output is staged under ``.NAME.partial``
-    and renamed into place at the end; an existing ``path`` is replaced only with
-    ``overwrite``. Returns ``path``.
+    See :func:`create_ome_zarr` for the layout and ``channel_info``; ``downsample_method`` as
+    :func:`fill_pyramid` (``None``: ``"nearest"`` for labels, else ``"mean"``); ``extras``
+    (associated images, vendor properties) as :func:`write_extras`. The output is staged
+    under ``.NAME.partial`` and renamed into place at the end; an existing ``path`` is
+    replaced only with ``overwrite``. Returns ``path``.
     """
     _check_version(layout.ngff_version)
     image = as_dask_image(image, layout.chunk)
+    channel_info = checked_channels(channel_info, image.shape[2], image.dtype)
+    method = downsample_method or default_method(channel_info)
     path = Path(path)
     with staged_output(path, overwrite=overwrite) as stage:
         group = create_ome_zarr(
-            stage, image.shape[:2], image.shape[2], image.dtype, layout=layout, mpp=mpp, name=name
+            stage,
+            image.shape[:2],
+            image.shape[2],
+            image.dtype,
+            layout=layout,
+            mpp=mpp,
+            name=name,
+            channel_info=channel_info,
         )
         write_level0(group, image)
-        fill_pyramid(group, downsample_method)
+        fill_pyramid(group, method)
         if extras is not None:
             write_extras(group, extras, layout)
     return path
+
+
+def default_method(channel_info: Channels) -> str:
+    """The pyramid's downsampling method for ``channel_info``: ``"nearest"`` for labels (no
+    label value is invented), ``"mean"`` otherwise."""
+    return "nearest" if channel_info.kind == "labels" else "mean"
 
 
 def write_extras(group: zarr.Group, extras: SlideExtras, layout: ZarrLayout) -> None:

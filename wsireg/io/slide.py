@@ -12,7 +12,13 @@
 
 Every level is exposed as a lazy dask array ``(H, W, 3)`` uint8 RGB (axes and units as in
 :mod:`wsireg.core.coords`); transparent or missing regions read as white, whatever the backend.
-Slicing ``slide.level(0)[y0:y1, x0:x1]`` reads only the tiles it touches. Errors are
+Slicing ``slide.level(0)[y0:y1, x0:x1]`` reads only the tiles it touches. That RGB is what the
+registration reads: a brightfield slide as stored, or the *shown channel* of any slide as a
+grey brightfield picture (:mod:`wsireg.core.shown`; ``open_slide(path, shown=...)``, default:
+a fluorescence slide's nuclear channel, else its first). Every slide also reads its samples as
+stored (:attr:`Slide.channels`, :meth:`Slide.read_channels`, :meth:`Slide.channel_level`):
+``(H, W, C)`` at the file's dtype, fluorescence channels and labels included (regions without
+data: 255 for brightfield, 0 otherwise). Errors are
 :class:`~wsireg.errors.SlideError` with a one-line message naming the file; a level argument is
 checked by :func:`check_level`.
 """
@@ -20,7 +26,7 @@ checked by :func:`check_level`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,19 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from wsireg.errors import SlideError
-from wsireg.io.backends import Backend, open_backend
+from wsireg.core.shown import (
+    amount_in_window,
+    brightfield_grey,
+    haematoxylin_amount,
+    intensity_window,
+    label_amount,
+)
+from wsireg.errors import InputError, SlideError
+from wsireg.io.backends import Backend, centre_box, open_backend
+from wsireg.io.channels import Channels
+
+#: The shown channel of a brightfield slide that is its haematoxylin (colour deconvolution).
+HAEMATOXYLIN = "haematoxylin"
 
 #: Preferred side of a dask chunk of a level, rounded to a multiple of the native tile size.
 CHUNK = 1024
@@ -69,10 +86,17 @@ class Slide:
     ``read()``.
     """
 
-    def __init__(self, path: str | Path, backend: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, backend: str | None = None, shown: str | int | None = None
+    ) -> None:
         self.path = Path(path)
         self._backend_choice = backend
         self._attach(open_backend(self.path, backend))
+        try:
+            self._shown = _Shown.choose(self, shown)
+        except BaseException:
+            self._backend.close()
+            raise
 
     def _attach(self, backend: Backend) -> None:
         """Read pixels and metadata from ``backend`` (closed and refused if it has no size).
@@ -82,6 +106,7 @@ class Slide:
             backend.close()
             raise SlideError(self.path, f"image has zero size {shape}")
         self._backend: Backend = backend
+        self._shown: _Shown | None = None
 
     # -- OpenSlide-like face ---------------------------------------------------------------
     @property
@@ -91,6 +116,22 @@ class Slide:
     @property
     def vendor(self) -> str:
         return self._backend.vendor
+
+    @property
+    def channels(self) -> Channels:
+        """The samples as the file stores them (:mod:`wsireg.io.channels`)."""
+        return self._backend.channels
+
+    @property
+    def shown(self) -> str:
+        """What :meth:`read` shows: ``"RGB"`` (a brightfield slide as stored), or the shown
+        channel (``"haematoxylin"``, or a channel's name)."""
+        return "RGB" if self._shown is None else self._shown.label
+
+    def showing(self, channel: str | int | None) -> Slide:
+        """This slide (reopened) with ``channel`` shown by :meth:`read`: a channel name or
+        index, ``"haematoxylin"`` (brightfield only), or ``None`` (the default)."""
+        return open_slide(self.path, self._backend_choice, shown=channel)
 
     @property
     def level_count(self) -> int:
@@ -167,19 +208,57 @@ class Slide:
         return _chunk_side(self._backend.tile_sides[level])
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Pixels ``[y0:y0+h, x0:x0+w]`` of ``level`` as ``(h, w, 3)`` uint8 RGB.
+        """Pixels ``[y0:y0+h, x0:x0+w]`` of ``level`` as ``(h, w, 3)`` uint8 RGB: the slide as
+        stored (brightfield) or its shown channel (:attr:`shown`).
 
         The region may extend past the level's edges; what lies outside reads as white.
         """
+        if self._shown is None:
+            return self._region(level, (y0, x0, h, w), 3, np.dtype(np.uint8), 255, None)
+        return self._shown.render(self, level, (y0, x0, h, w))
+
+    def read_channels(
+        self,
+        level: int,
+        y0: int,
+        x0: int,
+        h: int,
+        w: int,
+        channels: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Pixels ``[y0:y0+h, x0:x0+w]`` of ``level`` as stored: ``(h, w, c)`` at
+        :attr:`channels` ``.dtype``, the ``channels`` given (indices; ``None``: all). Outside
+        the level: :attr:`Channels.background`."""
+        info = self.channels
+        count = info.count if channels is None else len(channels)
+        return self._region(
+            level, (y0, x0, h, w), count, info.dtype, info.background, channels, native=True
+        )
+
+    def _region(
+        self,
+        level: int,
+        box: tuple[int, int, int, int],
+        count: int,
+        dtype: np.dtype,
+        fill: int,
+        channels: Sequence[int] | None,
+        native: bool = False,
+    ) -> np.ndarray:
+        """The backend's pixels of ``box = (y0, x0, h, w)``, ``fill`` outside the level."""
+        y0, x0, h, w = box
         if h <= 0 or w <= 0:
-            return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+            return np.full((max(h, 0), max(w, 0), count), fill, dtype)
         H, W = self.level_shape(level)
         iy0, ix0 = max(y0, 0), max(x0, 0)
         iy1, ix1 = min(y0 + h, H), min(x0 + w, W)
         if iy0 >= iy1 or ix0 >= ix1:
-            return np.full((h, w, 3), 255, np.uint8)
+            return np.full((h, w, count), fill, dtype)
         try:
-            inside = self._backend.read(level, iy0, ix0, iy1 - iy0, ix1 - ix0)
+            if native:
+                inside = self._backend.read_native(level, iy0, ix0, iy1 - iy0, ix1 - ix0, channels)
+            else:
+                inside = self._backend.read(level, iy0, ix0, iy1 - iy0, ix1 - ix0)
         except SlideError:
             raise
         except Exception as exc:
@@ -190,9 +269,23 @@ class Slide:
             ) from exc
         if (iy0, ix0, iy1, ix1) == (y0, x0, y0 + h, x0 + w):
             return inside
-        out = np.full((h, w, 3), 255, np.uint8)
+        out = np.full((h, w, count), fill, dtype)
         out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = inside
         return out
+
+    def channel_level(self, level: int, channels: Sequence[int] | None = None) -> da.Array:
+        """``level`` as stored, a lazy dask array ``(H, W, c)`` (:meth:`read_channels`)."""
+        check_level(self.path, level, self.level_count)
+        side = self.chunk_side(level)
+        adapter = _LevelArray(self, level, channels)
+        return da.from_array(
+            adapter,
+            chunks=(side, side, adapter.shape[2]),
+            asarray=True,
+            lock=False,
+            fancy=False,
+            name=f"slide-{self._dask_token()}-level{level}-channels-{tokenize(channels)}",
+        )
 
     def level(self, level: int) -> da.Array:
         """``level`` as a lazy dask array ``(H, W, 3)`` uint8, chunked along native tiles."""
@@ -205,7 +298,7 @@ class Slide:
             asarray=True,
             lock=False,
             fancy=False,
-            name=f"slide-{self._dask_token()}-level{level}",
+            name=f"slide-{self._dask_token()}-level{level}-{tokenize(self.shown)}",
         )
 
     def _dask_token(self) -> str:
@@ -227,9 +320,12 @@ class Slide:
             f"levels={self.level_dimensions})"
         )
 
-    def __reduce__(self) -> tuple[Callable[..., Slide], tuple[str, str | None]]:
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[..., Slide], tuple[str, str | None, str | int | None]]:
         # Pickled as its path: a dask worker reopens the slide (handles are not picklable).
-        return (open_slide, (str(self.path), self._backend_choice))
+        shown = None if self._shown is None else self._shown.choice
+        return (open_slide, (str(self.path), self._backend_choice, shown))
 
     def info(self) -> dict[str, Any]:
         """What ``wsireg info`` shows, as plain data."""
@@ -245,6 +341,8 @@ class Slide:
                 )
             ],
             "mpp": list(self.mpp) if self.mpp else None,
+            "pixels": self.channels.as_dict(),
+            "shown": self.shown,
             "associated_images": {
                 name: list(self._backend_associated_shape(name))
                 for name in self._backend.associated_names()
@@ -263,20 +361,103 @@ class Slide:
 
 
 class _LevelArray:
-    """Array-like view of one level for ``dask.array.from_array``."""
+    """Array-like view of one level for ``dask.array.from_array``: RGB (:meth:`Slide.read`),
+    or the samples as stored when ``channels`` is given (:meth:`Slide.read_channels`)."""
 
-    def __init__(self, slide: Slide, level: int) -> None:
+    def __init__(
+        self, slide: Slide, level: int, channels: Sequence[int] | None | bool = False
+    ) -> None:
         self.slide, self.level_index = slide, level
-        self.shape = (*slide.level_shape(level), 3)
-        self.dtype = np.dtype(np.uint8)
+        self.native = channels is not False
+        self.channels = None if channels is False else channels
+        if self.native:
+            count = slide.channels.count if self.channels is None else len(self.channels)
+            self.dtype = slide.channels.dtype
+        else:
+            count, self.dtype = 3, np.dtype(np.uint8)
+        self.shape = (*slide.level_shape(level), count)
         self.ndim = 3
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         ys, xs = key[0], key[1]
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
-        block = self.slide.read(self.level_index, y0, x0, y1 - y0, x1 - x0)
+        if self.native:
+            block = self.slide.read_channels(
+                self.level_index, y0, x0, y1 - y0, x1 - x0, self.channels
+            )
+        else:
+            block = self.slide.read(self.level_index, y0, x0, y1 - y0, x1 - x0)
         return block[(slice(None), slice(None), *key[2:])] if len(key) > 2 else block
+
+
+class _Shown:
+    """One channel of a slide shown as a grey brightfield picture (:mod:`wsireg.core.shown`):
+    the ``choice`` a user made (``None``: the default), its ``label``, and what renders it."""
+
+    def __init__(self, choice: str | int | None, label: str, index: int | None) -> None:
+        self.choice, self.label, self.index = choice, label, index
+        self.window: tuple[float, float] | None = None
+
+    @staticmethod
+    def choose(slide: Slide, choice: str | int | None) -> _Shown | None:
+        """What ``slide`` shows for ``choice``; ``None`` for a brightfield slide as stored.
+        A choice the slide does not have is an :class:`InputError` listing its channels."""
+        info = slide.channels
+        if info.kind == "brightfield":
+            if choice is None or str(choice).casefold() == "rgb":
+                return None
+            if str(choice).casefold() == HAEMATOXYLIN:
+                shown = _Shown(choice, HAEMATOXYLIN, None)
+                shown.window = intensity_window(haematoxylin_amount(_coarse_rgb(slide)))
+                return shown
+            index = info.resolve(choice, str(slide.path))
+            return _Shown(choice, info.names[index], index)
+        if choice is not None and str(choice).casefold() in (HAEMATOXYLIN, "rgb"):
+            raise InputError(
+                slide.path,
+                f"{choice!r} needs a brightfield RGB slide; this one is {info.kind} "
+                f"(channels: {info.listing()})",
+            )
+        if choice is None:
+            found = info.nuclear()
+            index = 0 if found is None else found
+        else:
+            index = info.resolve(choice, str(slide.path))
+        shown = _Shown(choice, info.names[index], index)
+        if info.kind == "fluorescence":
+            shown.window = intensity_window(_coarse_sample(slide, index))
+        return shown
+
+    def render(self, slide: Slide, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        """``(h, w, 3)`` uint8 grey brightfield of ``box = (y0, x0, h, w)`` of ``level``."""
+        y0, x0, h, w = box
+        info = slide.channels
+        if info.kind == "brightfield":
+            rgb = slide._region(level, box, 3, np.dtype(np.uint8), 255, None)
+            if self.index is None:
+                assert self.window is not None
+                return brightfield_grey(amount_in_window(haematoxylin_amount(rgb), self.window))
+            return np.repeat(rgb[..., self.index : self.index + 1], 3, axis=-1)
+        values = slide.read_channels(level, y0, x0, h, w, [self.index])[..., 0]
+        if info.kind == "labels":
+            return brightfield_grey(label_amount(values))
+        assert self.window is not None
+        return brightfield_grey(amount_in_window(values, self.window))
+
+
+def _coarse_rgb(slide: Slide) -> np.ndarray:
+    """The centre of the coarsest level as stored RGB (:func:`centre_box`)."""
+    level = slide.level_count - 1
+    box = centre_box(slide.level_shape(level))
+    return slide._region(level, box, 3, np.dtype(np.uint8), 255, None)
+
+
+def _coarse_sample(slide: Slide, channel: int) -> np.ndarray:
+    """Channel ``channel`` of the centre of the coarsest level (:func:`centre_box`): what the
+    window of a shown fluorescence channel is measured on."""
+    level = slide.level_count - 1
+    return slide.read_channels(level, *centre_box(slide.level_shape(level)), [channel])[..., 0]
 
 
 class _AssociatedImages(Mapping[str, np.ndarray]):
@@ -293,13 +474,16 @@ class _AssociatedImages(Mapping[str, np.ndarray]):
         return len(self._backend.associated_names())
 
 
-def open_slide(path: str | Path, backend: str | None = None) -> Slide:
+def open_slide(
+    path: str | Path, backend: str | None = None, shown: str | int | None = None
+) -> Slide:
     """Open a slide lazily; raise :class:`SlideError` naming the file when it cannot be read.
 
     ``backend`` forces one of ``openslide``, ``tifffile``, ``ome-zarr``, ``plain`` (default: the
-    best one for the file, see the module docstring).
+    best one for the file, see the module docstring). ``shown``: the channel :meth:`Slide.read`
+    shows (see :meth:`Slide.showing`).
     """
-    return Slide(path, backend)
+    return Slide(path, backend, shown)
 
 
 # --------------------------------------------------------------------------------------------

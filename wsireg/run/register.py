@@ -51,10 +51,11 @@ from wsireg.engine.scheduler import FieldStore, LevelReport, SlidePair, estimate
 from wsireg.engine.transform import SlideRef, Stage, Transform, field_name
 from wsireg.engine.warp import WarpOptions, warp, warp_block
 from wsireg.errors import InputError, WsiregError
+from wsireg.io.channels import Channels
 from wsireg.io.ngff import write_ome_zarr
 from wsireg.io.output import remove, staged_output
 from wsireg.io.qc import deformation_grid, save_png, tissue_overlap, write_qc
-from wsireg.io.slide import Slide, open_slide
+from wsireg.io.slide import HAEMATOXYLIN, Slide, open_slide
 from wsireg.model.network import (
     MultiLevelModel,
     default_weights_path,
@@ -62,7 +63,7 @@ from wsireg.model.network import (
     resolve_device,
     sha256_file,
 )
-from wsireg.progress import progress, stage_progress
+from wsireg.progress import announce, progress, stage_progress
 from wsireg.run.settings import (
     RegisterOptions,
     RegistrationSettings,
@@ -135,6 +136,9 @@ def register(
     timings = _Timings()
     source_slide, target_slide = open_slide(source), open_slide(target)
     check_options(options, target_slide)
+    source_shown, target_shown = registration_slides(options, source_slide, target_slide)
+    if source_slide.channels.kind == "labels":  # label values are kept, never blended
+        warp_options = replace(warp_options, interpolation="nearest")
     device = str(resolve_device(options.device))
     model, weights = _load_model(options, device)
     fingerprint = run_fingerprint(
@@ -146,7 +150,7 @@ def register(
     with staging as stage:
         work = stage / "work"
         work.mkdir(parents=True, exist_ok=True)
-        slides = _slide_pair(source_slide, target_slide, work)
+        slides = _slide_pair(source_shown, target_shown, work)
         settings = resolve_settings(options, slides.target_ref, model, weights, device)
         with timings.measure("align_s"), stage_progress("alignment"):
             alignment = _align(slides, work, resume)
@@ -165,7 +169,7 @@ def register(
                 stage / QC, slides, alignment, transform, out / QC
             )
         timings.finish()
-        report = _report(source_slide, target_slide, settings, alignment, levels, similarity)
+        report = _report(source_shown, target_shown, settings, alignment, levels, similarity)
         report["outputs"] = output_paths(out, fmt if settings.warp_level is not None else None)
         report["quality"] = quality
         if strict and not report["quality"]["plausible"]:
@@ -186,6 +190,51 @@ def warped_options(options: RegisterOptions, overrides: dict[str, Any]) -> WarpO
     :data:`WARPED_OPTIONS` taken out of ``overrides``."""
     chosen = {name: overrides.pop(name) for name in WARPED_OPTIONS if name in overrides}
     return WarpOptions(level=options.warp_level, **chosen)
+
+
+def registration_channels(
+    source: Channels, target: Channels, options: RegisterOptions
+) -> tuple[str | int | None, str | int | None]:
+    """The channel each slide is registered on (:meth:`Slide.showing`): the one the options
+    name, else ``None`` (a brightfield slide as stored; a fluorescence slide's nuclear
+    channel, else its first), except that a brightfield slide registered to a fluorescence
+    one shows its haematoxylin (the nuclei a nuclear channel shows)."""
+
+    def default(mine: Channels, other: Channels) -> str | None:
+        if mine.kind == "brightfield" and other.kind == "fluorescence":
+            return HAEMATOXYLIN
+        return None
+
+    source_choice = options.source_channel
+    target_choice = options.target_channel
+    if source_choice is None:
+        source_choice = default(source, target)
+    if target_choice is None:
+        target_choice = default(target, source)
+    return source_choice, target_choice
+
+
+def registration_slides(
+    options: RegisterOptions, source: Slide, target: Slide
+) -> tuple[Slide, Slide]:
+    """``source`` and ``target`` showing the channels they are registered on
+    (:func:`registration_channels`), announced in one line when either is not RGB."""
+    source_choice, target_choice = registration_channels(source.channels, target.channels, options)
+    shown = (
+        source
+        if source_choice is None and source.shown == "RGB"
+        else source.showing(source_choice),
+        target
+        if target_choice is None and target.shown == "RGB"
+        else target.showing(target_choice),
+    )
+    if (shown[0].shown, shown[1].shown) != ("RGB", "RGB"):
+        announce(
+            "channels",
+            f"registering source {Path(source.path).name} on {shown[0].shown}, "
+            f"target {Path(target.path).name} on {shown[1].shown}",
+        )
+    return shown
 
 
 def output_paths(out: Path, warped_format: str | None) -> dict[str, str | None]:
@@ -619,6 +668,12 @@ def _report(
             "size": list(slide.level_shape(0)),
             "mpp": list(slide.mpp) if slide.mpp else None,
             "vendor": slide.vendor,
+            "pixels": {
+                "kind": slide.channels.kind,
+                "dtype": slide.channels.dtype.name,
+                "channels": list(slide.channels.names),
+            },
+            "registered_on": slide.shown,
         }
 
     return {

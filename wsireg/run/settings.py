@@ -72,6 +72,9 @@ class RegisterOptions:
     ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     ``warp_level``: target level of ``warped.ome.zarr``; ``write_warped=False`` skips it.
     ``threads``: threads of the warp (default: the CPU count).
+    ``source_channel`` / ``target_channel``: the channel each slide is registered on, a name
+    or an index, or ``"haematoxylin"`` of a brightfield slide (default:
+    :func:`wsireg.run.register.registration_channels`).
     """
 
     level: int | None = None
@@ -88,6 +91,8 @@ class RegisterOptions:
     warp_level: int = 0
     write_warped: bool = True
     threads: int | None = None
+    source_channel: str | int | None = None
+    target_channel: str | int | None = None
 
     def __post_init__(self) -> None:
         """Reject a value of the wrong type at once (``TypeError`` naming the option): the

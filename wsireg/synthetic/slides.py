@@ -1,5 +1,10 @@
 """Synthetic slides and registration pairs: lazy dask arrays and files, rendered from
-:mod:`wsireg.synthetic.texture` through :mod:`wsireg.synthetic.deformation` maps."""
+:mod:`wsireg.synthetic.texture` through :mod:`wsireg.synthetic.deformation` maps.
+
+Brightfield slides are stained RGB (:func:`synthetic_slide`); fluorescence slides of the same
+tissue are uint16 channels (:func:`synthetic_fluorescence`), each a mix of the texture's
+structure maps (nuclei, cytoplasm, stroma, tissue): a ``DAPI`` channel shows the nuclei the
+haematoxylin of an H&E shows."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from wsireg.io.channels import fluorescence
 from wsireg.io.tiff import DEFAULT_TIFF_LAYOUT, TiffLayout, write_ome_tiff
 from wsireg.synthetic.deformation import PointMap, SmoothDeformation
 from wsireg.synthetic.texture import Stain, get_stain, get_texture
@@ -176,3 +182,114 @@ def write_synthetic_slide(  # noqa: PLR0913 - public keyword-only API: synthetic
         texture_downsample=texture_downsample,
     )
     return write_ome_tiff(image, path, layout=layout, mpp=(mpp, mpp), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# Fluorescence
+# --------------------------------------------------------------------------------------------
+#: Channel name -> weights of the structure maps ``(nuclei, cytoplasm, stroma, tissue)``.
+FLUORESCENCE_PANEL: dict[str, tuple[float, float, float, float]] = {
+    "DAPI": (1.0, 0.07, 0.045, 0.05),
+    "PanCK": (0.0, 1.0, 0.0, 0.02),
+    "SMA": (0.0, 0.0, 1.0, 0.02),
+    "CD45": (0.35, 0.0, 0.45, 0.02),
+    "Ki67": (0.6, 0.2, 0.0, 0.01),
+    "Vimentin": (0.0, 0.2, 0.8, 0.03),
+}
+#: uint16 level of no signal (camera offset) and of a full amount of signal.
+FLUORESCENCE_OFFSET, FLUORESCENCE_GAIN = 80, 3000
+
+
+def panel_weights(names: tuple[str, ...]) -> tuple[tuple[float, float, float, float], ...]:
+    """The structure weights of each channel name: :data:`FLUORESCENCE_PANEL`'s, or for a
+    name it lacks (``"NAME-k"`` etc.) the weights of the panel entry it starts with, else of
+    the panel's entries in turn."""
+    panel = list(FLUORESCENCE_PANEL.items())
+    weights = []
+    for i, name in enumerate(names):
+        found = [w for key, w in panel if name.split("-")[0] == key]
+        weights.append(found[0] if found else panel[i % len(panel)][1])
+    return tuple(weights)
+
+
+def _render_fluorescence_chunk(
+    block_info: dict | None = None,
+    *,
+    texture: TextureKey,
+    weights: tuple[tuple[float, float, float, float], ...],
+    deformation: PointMap | None,
+) -> np.ndarray:
+    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+    structure = get_texture(*texture).structure(y0, x0, y1 - y0, x1 - x0, deformation)
+    mix = np.asarray(weights, dtype=np.float32)  # (C, 4)
+    amount = structure[..., :3] @ mix[:, :3].T + mix[:, 3]
+    amount *= structure[..., 3:4]
+    values = FLUORESCENCE_OFFSET + FLUORESCENCE_GAIN * np.clip(amount, 0.0, 1.0)
+    return np.rint(values).astype(np.uint16)
+
+
+def synthetic_fluorescence(
+    shape: tuple[int, int],
+    seed: int = 0,
+    channels: tuple[str, ...] = ("DAPI", "PanCK", "SMA"),
+    deformation: PointMap | None = None,
+    chunk: int = 1024,
+    *,
+    extent: tuple[int, int] | None = None,
+    texture_downsample: float = 1.0,
+) -> da.Array:
+    """A lazy synthetic fluorescence slide: dask array ``(H, W, C)`` uint16 of the tissue of
+    :func:`synthetic_slide` with the same ``seed``, ``extent`` and ``texture_downsample``
+    (and ``deformation``, as there). Channel ``c`` is ``OFFSET + GAIN * clip(w_c . s, 0, 1)``
+    for the structure maps ``s`` and the weights of its name (:func:`panel_weights`)."""
+    h, w = int(shape[0]), int(shape[1])
+    ext = (h, w) if extent is None else (int(extent[0]), int(extent[1]))
+    key = (int(seed), ext, float(texture_downsample))
+    weights = panel_weights(tuple(channels))
+    chunks = (_split(h, chunk), _split(w, chunk), (len(channels),))
+    name = "synthetic-fluorescence-" + tokenize(key, weights, deformation, h, w, chunk)
+    return da.map_blocks(
+        _render_fluorescence_chunk,
+        dtype=np.uint16,
+        chunks=chunks,
+        meta=np.empty((0, 0, 0), np.uint16),
+        name=name,
+        texture=key,
+        weights=weights,
+        deformation=deformation,
+    )
+
+
+def write_synthetic_fluorescence(  # noqa: PLR0913 - public keyword-only API: the slide's knobs
+    path: str | Path,
+    shape: tuple[int, int],
+    *,
+    seed: int = 0,
+    channels: tuple[str, ...] = ("DAPI", "PanCK", "SMA"),
+    deformation: PointMap | None = None,
+    mpp: float = 0.5,
+    tile: int = 512,
+    overwrite: bool = False,
+    texture_downsample: float = 1.0,
+    extent: tuple[int, int] | None = None,
+) -> Path:
+    """Write :func:`synthetic_fluorescence` as a pyramidal OME-TIFF (zlib tiles of ``tile``
+    px, channel names in the OME-XML), in bounded memory."""
+    image = synthetic_fluorescence(
+        shape,
+        seed,
+        tuple(channels),
+        deformation,
+        chunk=max(1024, tile),
+        extent=extent,
+        texture_downsample=texture_downsample,
+    )
+    return write_ome_tiff(
+        image,
+        path,
+        layout=TiffLayout(tile=tile, compression="zlib"),
+        mpp=(mpp, mpp),
+        name=Path(path).name,
+        channel_info=fluorescence(len(channels), np.dtype(np.uint16), list(channels)),
+        overwrite=overwrite,
+    )
