@@ -14,6 +14,7 @@ import zarr
 from ome_zarr_models.v04 import Image as Image04
 from scipy import ndimage
 
+import wsireg
 from wsireg.engine.transform import SlideRef, Transform
 from wsireg.engine.warp import warp
 from wsireg.io.channels import RGB, classify, fluorescence
@@ -22,7 +23,12 @@ from wsireg.io.slide import open_slide
 from wsireg.io.tiff import TiffLayout, write_ome_tiff
 from wsireg.run.register import register, registration_channels
 from wsireg.run.settings import RegisterOptions
-from wsireg.synthetic.slides import pair_landmarks, synthetic_pair, write_synthetic_fluorescence
+from wsireg.synthetic.slides import (
+    pair_landmarks,
+    synthetic_pair,
+    write_synthetic_fluorescence,
+    write_synthetic_slide,
+)
 
 from .test_hostile_inputs import nothing_at, one_line_error
 from .test_transform import rotation, smooth_field
@@ -93,8 +99,13 @@ def test_classification_of_samples() -> None:
     named = classify(np.uint8, 3, np.zeros((8, 8, 3), np.uint8), ["DAPI", "CD3", "CD8"])
     assert named.kind == "fluorescence" and named.names == ("DAPI", "CD3", "CD8")
     assert classify(np.uint32, 1, np.arange(40, dtype=np.uint32).reshape(5, 8, 1)).kind == "labels"
-    many = np.arange(4096, dtype=np.uint16).reshape(64, 64, 1)
-    assert classify(np.uint16, 1, many).kind == "fluorescence"
+    rng = np.random.default_rng(0)
+    nuclei = rng.integers(90, 110, (64, 64, 1)).astype(np.uint16)  # dark background
+    nuclei[rng.random((64, 64)) < 0.2] = rng.integers(1000, 4000, 1)[0]
+    nuclei[:8] += np.arange(512, dtype=np.uint16).reshape(8, 64, 1)  # many distinct values
+    assert classify(np.uint16, 1, nuclei).kind == "fluorescence"
+    scan = 65535 - nuclei * 8  # 16-bit grey brightfield: bright glass, darker tissue
+    assert classify(np.uint16, 1, scan) == RGB
     grey = np.random.default_rng(0).integers(150, 256, (64, 64, 1), dtype=np.uint8)
     assert classify(np.uint8, 1, grey) == RGB  # bright glass: a grey brightfield scan
 
@@ -325,3 +336,42 @@ def test_convert_keeps_every_channel_and_its_dtype(if_slide, tmp_path: Path, run
         ome = ome_types.from_xml(tif.ome_metadata, validate=True)
         assert np.array_equal(np.moveaxis(tif.series[0].asarray(), 0, -1), data[..., [4, 1]])
     assert [c.name for c in ome.images[0].pixels.channels] == ["FOXP3", "DAPI"]
+
+
+def test_he_registers_to_dapi_by_default(tmp_path: Path) -> None:
+    """An H&E source onto a fluorescence target of the same tissue with a known deformation:
+    the default registers the H&E's haematoxylin on the target's DAPI (not its first
+    channel), and warps the H&E as RGB."""
+    shape = (1024, 1024)
+    _, _, truth = synthetic_pair(shape, 5, max_displacement=8.0, rotation=6.0)
+    source = write_synthetic_slide(tmp_path / "he.ome.tif", shape, seed=5, stain="he")
+    target = write_synthetic_fluorescence(
+        tmp_path / "if.ome.tif", shape, seed=5, channels=("PanCK", "DAPI"), deformation=truth
+    )
+    result = register(source, target, tmp_path / "out")
+    assert result.report["source"]["registered_on"] == "haematoxylin"
+    assert result.report["target"]["registered_on"] == "DAPI"
+    target_pts, source_pts = pair_landmarks(shape, 5, truth, n=100)
+    mapped = result.transform.map_points(target_pts, "target_to_source")
+    error = np.linalg.norm(mapped - source_pts, axis=1)
+    initial = np.linalg.norm(target_pts - source_pts, axis=1)
+    assert error.mean() < 1.0 and error.mean() < 0.1 * initial.mean(), (
+        error.mean(),
+        initial.mean(),
+    )
+    assert open_slide(result.warped).channels == RGB
+
+
+def test_a_registered_view_reads_every_channel_as_the_warp_writes_it(
+    if_slide, tmp_path: Path
+) -> None:
+    path, _ = if_slide
+    slide = open_slide(path)
+    transform = moved(SlideRef.from_slide(slide))
+    transform_dir = transform.save(tmp_path / "t")
+    out = warp(transform_dir, slide, tmp_path / "w.ome.zarr", chunk=256)
+    written = np.moveaxis(zarr.open_group(str(out), mode="r")["0"][:], 0, -1)
+    view = wsireg.open_registered(path, transform_dir, block=256)
+    assert view.channels.names == NAMES
+    assert np.array_equal(view.read_channels(0, 100, 150, 300, 400), written[100:400, 150:550])
+    assert np.array_equal(view.read_channels(0, 0, 0, 64, 64, [1]), written[:64, :64, 1:2])

@@ -5,7 +5,9 @@ returns a :class:`RegisteredSlide`: a :class:`~wsireg.io.slide.Slide` with the t
 geometry (the level shapes, downsamples and mpp of the transform's target
 :class:`~wsireg.engine.transform.SlideRef`) whose pixels are the source's, resampled on demand
 by the block warp of ``wsireg warp`` (:func:`wsireg.engine.warp.warp_block`, the source level
-chosen as the warp chooses it). ``read``, ``read_region``, ``level`` (lazy dask arrays),
+chosen as the warp chooses it); a fluorescence or label source also reads its samples as stored
+(``read_channels``, ``channel_level``: :func:`wsireg.engine.warp.warp_channels_block`).
+``read``, ``read_region``, ``level`` (lazy dask arrays),
 ``get_thumbnail``, ... work as on any slide; analysis code reads aligned tiles of every stain
 directly.
 
@@ -21,7 +23,7 @@ its transform's directory (a dask worker reopens both), so its transform must be
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from wsireg.engine.warp import (
     check_source,
     choose_source_level,
     warp_block,
+    warp_channels_block,
 )
 from wsireg.errors import TransformError
 from wsireg.io.backends import Backend, TileCache, read_tiles
@@ -61,6 +64,7 @@ class _RegisteredBackend(Backend):
         self.tile_sides = [block] * count
         self.downsamples = [target.level_downsample(level) for level in range(count)]
         self.source_levels = [choose_source_level(source, transform, d) for d in self.downsamples]
+        self.channels = source.channels
         self._blocks = TileCache(BLOCK_CACHE_BYTES)
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -68,16 +72,34 @@ class _RegisteredBackend(Backend):
             (y0, x0, h, w),
             (self.block, self.block),
             3,
-            lambda by, bx: self._blocks.get((level, by, bx), self._warp_block),
+            lambda by, bx: self._blocks.get((level, by, bx, "rgb"), self._warp_block),
         )
 
+    def read_native(
+        self, level: int, y0: int, x0: int, h: int, w: int, channels: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """The source's samples as stored, warped block by block as ``wsireg warp`` writes
+        them (every channel; ``channels`` selected afterwards)."""
+        if self.channels.kind == "brightfield":
+            return super().read_native(level, y0, x0, h, w, channels)
+        pixels = read_tiles(
+            (y0, x0, h, w),
+            (self.block, self.block),
+            self.channels.count,
+            lambda by, bx: self._blocks.get((level, by, bx, "native"), self._warp_block),
+            self.channels.dtype,
+        )
+        return pixels if channels is None else pixels[..., list(channels)]
+
     def _warp_block(self, key: Any) -> np.ndarray:
-        """Block ``(level, by, bx)``, as the warp's chunk task computes that output chunk."""
-        level, by, bx = key
+        """Block ``(level, by, bx, samples)`` (``"rgb"`` or ``"native"``), as the warp's chunk
+        task computes that output chunk."""
+        level, by, bx, samples = key
         height, width = self.level_shapes[level]
         y0, x0 = by * self.block, bx * self.block
         box = (y0, x0, min(self.block, height - y0), min(self.block, width - x0))
-        return warp_block(
+        resample = warp_block if samples == "rgb" else warp_channels_block
+        return resample(
             self.transform,
             self.source,
             box,
@@ -113,7 +135,8 @@ class RegisteredSlide(Slide):
         block: int = WarpOptions.chunk,
         owns_source: bool = False,
     ) -> None:
-        WarpOptions(interpolation=interpolation, chunk=block)  # the warp's checks of both
+        # the warp's checks of both, and of the source's channels (labels: nearest only)
+        WarpOptions(interpolation=interpolation, chunk=block).written_channels(source)
         check_source(transform, source)
         self.path = source.path
         self._backend_choice = None

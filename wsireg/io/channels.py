@@ -171,7 +171,8 @@ def classify(
       (alpha composited on white);
     * ``declared_labels`` (an NGFF ``image-label``), or one integer channel with at most
       :data:`MAX_LABEL_VALUES` distinct values: labels;
-    * one uint8 channel whose median is in the upper half (bright glass): brightfield grey;
+    * one channel whose median is in the upper half of its 1st-99th percentile range (bright
+      glass around tissue, any dtype): brightfield grey, read as 8 bits;
     * anything else: fluorescence, named and coloured as the file says.
     """
     dtype = np.dtype(dtype)
@@ -184,9 +185,19 @@ def classify(
         values = np.unique(coarse[..., 0]) if coarse.size else np.zeros(0)
         if declared_labels or len(values) <= MAX_LABEL_VALUES:
             return labels(dtype, names[0] if names else None)
-        if dtype == np.uint8 and float(np.median(coarse)) >= 128:
-            return RGB
+    if count == 1 and coarse.size and _bright_glass(coarse[..., 0]):
+        return RGB
     return fluorescence(count, dtype, names, colors)
+
+
+def _bright_glass(values: np.ndarray) -> bool:
+    """Whether most of a one-channel image lies in the upper half of its range (its 1st to
+    99th percentile): bright glass around stained tissue, not fluorescence on black."""
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if finite.size == 0:
+        return False
+    lo, median, hi = np.percentile(finite, (1, 50, 99))
+    return bool(hi > lo and median >= (lo + hi) / 2)
 
 
 def _rgb_names(names: Sequence[str | None]) -> bool:
