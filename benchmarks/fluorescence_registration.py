@@ -21,7 +21,10 @@ Data (:mod:`wsireg.synthetic.slides`, written as pyramidal OME-TIFFs in a tempor
 Prints one JSON line per registration and per merge, and a summary line: the mean over seeds
 of the mean landmark error, brightfield against fluorescence.
 
-    python benchmarks/fluorescence_registration.py [--size 4096] [--seeds 7 8 9]
+``--shown-od`` sets the optical density a full channel amount is shown with (the default's
+choice, :data:`wsireg.core.shown.SHOWN_OD`, against others).
+
+    python benchmarks/fluorescence_registration.py [--size 4096] [--seeds 7 8 9] [--shown-od OD]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from wsireg.core import shown
 from wsireg.io.merge import merge
 from wsireg.io.slide import open_slide
 from wsireg.progress import set_quiet
@@ -179,7 +183,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
     parser.add_argument("--no-rounds", action="store_true", help="Skip the cyclic IF merge.")
+    parser.add_argument(
+        "--shown-od",
+        type=float,
+        default=shown.SHOWN_OD,
+        help="Optical density of a full shown amount (wsireg.core.shown.SHOWN_OD), to compare.",
+    )
     args = parser.parse_args()
+    shown.SHOWN_OD = args.shown_od
     set_quiet(True)
     with tempfile.TemporaryDirectory(prefix="wsireg-fluorescence-") as tmp:
         folder = Path(tmp)

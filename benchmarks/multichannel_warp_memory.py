@@ -5,8 +5,8 @@ Data: a synthetic fluorescence slide (:func:`wsireg.synthetic.slides.synthetic_f
 1024 px chunks) in a temporary folder; a transform of the slide onto itself: a 3 degree
 rotation about the centre plus a smooth displacement of up to 12 px (field at downsample 32),
 saved to disk. The warp (``wsireg warp TRANSFORM SOURCE -o OUT.ome.zarr``, every channel, the
-default threads) runs in a fresh process; its peak resident memory is that child's
-``ru_maxrss``.
+default threads) runs in a fresh process, which prints its own peak resident memory
+(:func:`wsireg.engine.parallel.peak_rss_mib`).
 
 Prints one JSON line: size, channels, raw bytes of level 0 (all channels), seconds of the
 warp, the child's peak RSS (MiB), the output's level-0 shape and dtype.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,15 @@ from wsireg.progress import set_quiet
 from wsireg.synthetic.slides import synthetic_fluorescence
 
 FIELD_DOWNSAMPLE = 32.0
+#: The warp as the CLI runs it, in a fresh process that prints its own peak RSS (VmHWM: a
+#: child's ``ru_maxrss`` would include the parent's memory at fork).
+CHILD = (
+    "import sys\n"
+    "from wsireg.engine.parallel import peak_rss_mib\n"
+    "from wsireg_cli.main import cli\n"
+    "cli.main(['-q', 'warp', sys.argv[1], sys.argv[2], '-o', sys.argv[3]], standalone_mode=False)\n"
+    "print(peak_rss_mib())\n"
+)
 
 
 def transform_of(path: Path, size: int) -> Transform:
@@ -76,13 +84,15 @@ def main() -> None:
         written_s = time.perf_counter() - start
         transform_dir = transform_of(source, args.size).save(folder / "transform")
         out = folder / "warped.ome.zarr"
-        command = [sys.executable, "-m", "wsireg_cli", "-q", "warp", str(transform_dir)]
         start = time.perf_counter()
-        subprocess.run(
-            [*command, str(source), "-o", str(out)], check=True, stdout=subprocess.DEVNULL
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, str(transform_dir), str(source), str(out)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         seconds = time.perf_counter() - start
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak_mib = float(child.stdout.split()[-1])
         level0 = zarr.open_group(str(out), mode="r")["0"]
         print(
             json.dumps(

@@ -11,54 +11,9 @@ from pathlib import Path
 
 import click
 
-from wsireg.engine.parallel import Execution
-
 from .main import cli, examples, quiet_option
-from .options import check_output_place
+from .options import check_output_place, cluster_options, execution_from_cli
 from .register import options_from_cli, register_options
-
-
-def cluster_options(function):  # type: ignore[no-untyped-def]
-    """Where tasks run: ``--scheduler``, ``--workers``, ``--threads``, ``--gpu-resources``."""
-    options = [
-        click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler."),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Start a local dask.distributed cluster of N worker processes "
-            "(default without --scheduler: one pair after the other in this process).",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Threads per task (default: CPUs / workers on a local cluster).",
-        ),
-        click.option(
-            "--gpu-resources",
-            is_flag=True,
-            help="Each task claims the worker resource GPU=1: one task at a time per worker "
-            "started with `dask worker ADDRESS --resources GPU=1`.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def execution_from_cli(values: dict) -> Execution:
-    """The :class:`~wsireg.engine.parallel.Execution` of the cluster options (removed from
-    ``values``)."""
-    scheduler, workers = values.pop("scheduler"), values.pop("workers")
-    if scheduler is not None and workers is not None:
-        raise click.UsageError("give --scheduler or --workers, not both")
-    return Execution(
-        scheduler=scheduler,
-        workers=workers,
-        threads=values.pop("threads"),
-        resources={"GPU": 1} if values.pop("gpu_resources") else None,
-    )
 
 
 @cli.command(

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from wsireg.engine.parallel import Execution
 from wsireg.errors import WsiregError
 from wsireg.io.output import check_output_path
 
@@ -172,4 +173,48 @@ def format_option(default: str | None = None, what: str = "OUT") -> Callable[[F]
         default=default,
         show_default=default is not None,
         help=text,
+    )
+
+
+def cluster_options(function):  # type: ignore[no-untyped-def]
+    """Where tasks run: ``--scheduler``, ``--workers``, ``--threads``, ``--gpu-resources``."""
+    options = [
+        click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Start a local dask.distributed cluster of N worker processes (default "
+            "without --scheduler: here, in threads).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Tasks at once here, or threads per task on a local cluster (default: the "
+            "CPU count here, CPUs / workers on a local cluster).",
+        ),
+        click.option(
+            "--gpu-resources",
+            is_flag=True,
+            help="Each task (a pair, a block) claims the worker resource GPU=1: one at a "
+            "time per worker started with `dask worker ADDRESS --resources GPU=1`.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def execution_from_cli(values: dict) -> Execution:
+    """The :class:`~wsireg.engine.parallel.Execution` of the cluster options (removed from
+    ``values``)."""
+    scheduler, workers = values.pop("scheduler"), values.pop("workers")
+    if scheduler is not None and workers is not None:
+        raise click.UsageError("give --scheduler or --workers, not both")
+    return Execution(
+        scheduler=scheduler,
+        workers=workers,
+        threads=values.pop("threads"),
+        resources={"GPU": 1} if values.pop("gpu_resources") else None,
     )

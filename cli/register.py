@@ -21,6 +21,8 @@ from .options import (
     Multiple,
     check_output_place,
     check_patch_and_stride,
+    cluster_options,
+    execution_from_cli,
     ngff_version_option,
 )
 
@@ -171,6 +173,9 @@ def options_from_cli(values: dict) -> RegisterOptions:
     epilog=examples(
         "wsireg register he.svs ihc.svs -o out/            # SOURCE (moving), TARGET (fixed)",
         "wsireg register he.svs ihc.svs -o out/ --level 0 --device cuda",
+        "wsireg register he.svs ihc.svs -o out/ --level 0 --workers 4   # blocks on 4 processes",
+        "wsireg register he.svs ihc.svs -o out/ --level 0 --scheduler tcp://head:8786 "
+        "--gpu-resources",
         "wsireg register he.svs ihc.svs -o out/ --weights none --no-warp",
         "wsireg register he.svs ihc.svs -o out/ --format ome-tiff   # out/warped.ome.tif",
         "wsireg register if.ome.tif he.svs -o out/      # DAPI against haematoxylin",
@@ -189,6 +194,7 @@ def options_from_cli(values: dict) -> RegisterOptions:
     help="Output directory (transform/, warped.ome.zarr or warped.ome.tif, qc/, report.json).",
 )
 @register_options
+@cluster_options
 @click.option(
     "--format",
     "fmt",
@@ -230,12 +236,14 @@ def register(  # noqa: PLR0913 - click passes each option as one argument
     from wsireg.run.register import register as run
 
     check_output_place(out, [source, target])
+    execution = execution_from_cli(values)
     options = options_from_cli(values)
     result = run(
         source,
         target,
         out,
         options,
+        execution=execution,
         resume=resume,
         overwrite=overwrite,
         strict=strict,

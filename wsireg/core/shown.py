@@ -30,7 +30,7 @@ import numpy as np
 from wsireg.core.dyes import haematoxylin_unmix
 
 #: Optical density of a shown amount of 1 (each of R, G, B).
-SHOWN_OD = 0.4
+SHOWN_OD = 0.7
 #: Percentiles of a fluorescence channel's coarse level that bound its window.
 WINDOW_PERCENTILES = (0.5, 99.9)
 #: Amount shown for a non-zero label.

@@ -24,18 +24,26 @@ of ``block`` pixels (:func:`wsireg.core.blocks.blocks`), each as dask's ``map_ov
    (:meth:`_Level.compose`) ``u_k(x) = d_k v(x) + u_{k-1}(x + d_k v(x))`` (level-0 units);
 5. **write** (:func:`_write`) the block's field chunks and log the block as done.
 
-The next block's reads are prefetched in a thread while the current one is computed
-(:func:`_prefetched`). Finished blocks are listed in ``done-k.txt``, so ``resume`` skips them
-(the result does not change: every block depends only on the previous level's field and the
-slides). Nothing holds a whole level.
+Within a level every block depends only on the slides and the previous level's field, so
+the blocks are independent tasks (:class:`_BlockJob`, steps 2-5): run by a thread pool here
+(one block's reads overlap another's compute), or as dask tasks on a LocalCluster or an
+existing dask.distributed cluster (:class:`~wsireg.engine.parallel.Execution`), each worker
+reading the slides and the previous field from shared storage, loading the weights file once
+and writing its own field chunks (blocks are multiples of the 256-node field chunks, so no
+two blocks write one chunk). Levels are barriers. Every block runs torch on
+:data:`BLOCK_TORCH_THREADS` threads, so the field is the same, byte for byte, however many
+threads or workers run it. Finished blocks are listed in ``done-k.txt`` as they come, so
+``resume`` skips them (the result does not change). Nothing holds a whole level.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -47,6 +55,13 @@ import zarr
 from wsireg.core.blocks import AxisWindow, axis_window, blocks, count_blocks
 from wsireg.core.coords import to_level0
 from wsireg.core.stain import WHITE, has_tissue, network_input, on_white_glass
+from wsireg.engine.parallel import (
+    Execution,
+    cluster_client,
+    default_threads,
+    map_on_cluster,
+    torch_threads,
+)
 from wsireg.engine.transform import SlideRef, Stage, Transform, create_field
 from wsireg.engine.warp import warp_block
 from wsireg.io.slide import Slide
@@ -139,11 +154,23 @@ class LevelReport:
     refine_s: float = 0.0
     read_s: float = 0.0
     seconds: float = 0.0
+    workers: dict[str, int] = field(default_factory=dict)
+    """Blocks computed per worker (``"WORKER DEVICE"``; ``"local DEVICE"`` in this process)."""
+
+    def add(self, block: LevelReport) -> None:
+        """Count the work of one block (a report of the same step) in this one."""
+        for name in ("blocks", "skipped", "patches", "background_patches"):
+            setattr(self, name, getattr(self, name) + getattr(block, name))
+        for name in ("network_s", "refine_s", "read_s"):
+            setattr(self, name, getattr(self, name) + getattr(block, name))
+        for worker, count in block.workers.items():
+            self.workers[worker] = self.workers.get(worker, 0) + count
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["shape"] = list(self.shape)
         data["patches_per_s"] = round(self.patches / self.network_s, 2) if self.network_s else None
+        data["blocks_per_s"] = round(self.blocks / self.seconds, 3) if self.seconds else None
         return data
 
 
@@ -157,17 +184,23 @@ def grid_shape(ref: SlideRef, downsample: float) -> tuple[int, int]:
     return (math.ceil(ref.shape[0] / downsample), math.ceil(ref.shape[1] / downsample))
 
 
-def _networks(model: MultiLevelModel | None, levels: int) -> list[UNet | None]:
-    """The network of each pyramid level (coarsest first): the model's finest ``levels``.
+def _network_indices(model: MultiLevelModel | None, levels: int) -> list[int | None]:
+    """The model level of each pyramid level (coarsest first): the model's finest ``levels``.
     Levels coarser than the model's coarsest network get none (``None``: instance
     optimisation alone there), since a network is not run at a scale it was not trained for.
     ``None`` everywhere without a model."""
     if model is None:
         return [None] * levels
-    nets = [model[k] for k in range(model.num_levels)]
-    if levels <= len(nets):
-        return nets[len(nets) - levels :]
-    return [None] * (levels - len(nets)) + nets
+    indices: list[int | None] = list(range(model.num_levels))
+    if levels <= len(indices):
+        return indices[len(indices) - levels :]
+    return [None] * (levels - len(indices)) + indices
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_model(weights: str, device: str) -> MultiLevelModel:
+    """The model at ``weights`` on ``device``, loaded once per worker process."""
+    return MultiLevelModel.load(Path(weights), device=device)
 
 
 class _Progress:
@@ -185,46 +218,95 @@ class _Progress:
             self.on_block(self.done, self.total)
 
 
-def estimate_field(
+def estimate_field(  # noqa: PLR0913 - keyword-only: one keyword per documented input
     slides: SlidePair,
     affine: np.ndarray,
     store: FieldStore,
     settings: SchedulerSettings,
     *,
     model: MultiLevelModel | None = None,
+    weights: str | Path | None = None,
     device: str = "cpu",
     resume: bool = False,
+    execution: Execution | None = None,
     on_block: Callable[[int, int], None] | None = None,
 ) -> tuple[Transform, list[LevelReport]]:
     """Algorithm 1 (inference) out of core: the transform ``A (x + u(x))`` of ``slides.source``
     onto ``slides.target`` with ``u`` estimated down to ``settings.finest_downsample``, its
     field at ``store.finest``. ``model``: the networks, or ``None`` (pure instance
-    optimisation; needs ``settings.refine.steps > 0`` to move anything). ``resume`` keeps the
-    blocks a killed run finished. ``on_block(done, total)`` reports progress."""
+    optimisation; needs ``settings.refine.steps > 0`` to move anything); ``weights``: the file
+    it was loaded from (what dask workers load). ``resume`` keeps the blocks a killed run
+    finished. ``execution`` (:class:`~wsireg.engine.parallel.Execution`) says where the blocks
+    of a level run: threads here (``threads`` blocks at once; default the CPU count), a
+    LocalCluster of ``workers`` processes, or the cluster at ``scheduler``, each block claiming
+    ``resources``; the field is the same, byte for byte, wherever they run (every block is
+    computed with one torch thread). ``on_block(done, total)`` reports progress."""
+    execution = execution or Execution()
+    if execution.distributed and model is not None and weights is None:
+        raise ValueError("blocks on a dask cluster need the weights file of the model")
     store.work.mkdir(parents=True, exist_ok=True)
-    nets = _networks(model, settings.levels)
-    for net in nets:
-        if net is not None:
-            net.to(device).eval()
+    indices = _network_indices(model, settings.levels)
     downsamples = settings.downsamples()
     total = sum(count_blocks(grid_shape(slides.target_ref, d), settings.block) for d in downsamples)
     counter = _Progress(total, on_block)
     previous = Stage(affine)
     reports = []
-    for k, d in enumerate(downsamples):
-        level = _Level(
-            k, d, grid_shape(slides.target_ref, d), settings, nets[k], device, previous, slides
-        )
-        u, report = _run_level(level, store, resume, counter)
-        reports.append(report)
-        previous = Stage(affine, u, d)
+    with _block_runner(execution) as run:
+        for k, d in enumerate(downsamples):
+            level = _Level(
+                k,
+                d,
+                grid_shape(slides.target_ref, d),
+                settings,
+                None if indices[k] is None else (str(weights) if weights else None, indices[k]),
+                device,
+                previous,
+                slides,
+            )
+            if indices[k] is not None and model is not None:
+                level.net = model[indices[k]].to(device).eval()
+            u, report = _run_level(level, store, resume, counter, run)
+            reports.append(report)
+            previous = Stage(affine, u, d)
     return Transform([previous], slides.target_ref, slides.source_ref), reports
 
 
+#: Runs a level's block job over blocks; yields each block's outcome as it finishes.
+BlockRunner = Callable[["_BlockJob", Sequence["_Block"]], Iterator["_BlockDone"]]
+
+
+@contextlib.contextmanager
+def _block_runner(execution: Execution) -> Iterator[BlockRunner]:
+    """Where the blocks of every level run (:func:`estimate_field`): a thread pool here, or
+    the cluster of ``execution`` for the whole estimation (levels are barriers)."""
+    if not execution.distributed:
+        threads = execution.threads or default_threads()
+        with ThreadPoolExecutor(threads, thread_name_prefix="wsireg-block") as pool:
+            with torch_threads(BLOCK_TORCH_THREADS):
+                yield lambda job, todo: (f.result() for f in as_completed(
+                    [pool.submit(job, block) for block in todo]
+                ))  # fmt: skip
+        return
+    with cluster_client(execution, threads_per_worker=execution.threads or 1) as client:
+
+        def on_cluster(job: _BlockJob, todo: Sequence[_Block]) -> Iterator[_BlockDone]:
+            for _, future in map_on_cluster(
+                client,
+                job,
+                todo,
+                name=lambda b: f"wsireg-block-{job.level.index}-{b.index}",
+                resources=execution.resources,
+            ):
+                yield future.result()
+
+        yield on_cluster
+
+
 def _run_level(
-    level: _Level, store: FieldStore, resume: bool, counter: _Progress
+    level: _Level, store: FieldStore, resume: bool, counter: _Progress, run: BlockRunner
 ) -> tuple[zarr.Array, LevelReport]:
-    """Every block of one level: read (prefetched) -> compute -> trim -> compose -> write."""
+    """Every block of one level, wherever ``run`` runs them (each: read -> compute -> trim
+    -> compose -> write, :class:`_BlockJob`); finished blocks logged as they come."""
     report = LevelReport(level.index, level.downsample, level.shape)
     start = time.perf_counter()
     done_path = store.done(level.index)
@@ -237,14 +319,12 @@ def _run_level(
         else:
             todo.append(level.block(index, box))
     counter.skip(report.resumed)
+    job = _BlockJob(level, str(field_path))
     with open(done_path, "a") as done_log:
-        for block, reads in _prefetched(level.read, todo):
-            report.read_s += reads.seconds
-            v = level.estimate(reads, report)
-            _write(u, block, level.compose(_trim(v, block), block))
-            done_log.write(f"{block.index}\n")
+        for done in run(job, todo):
+            report.add(done.report)
+            done_log.write(f"{done.index}\n")
             done_log.flush()
-            report.blocks += 1
             counter.advance()
     report.seconds = time.perf_counter() - start
     return u, report
@@ -268,20 +348,6 @@ def _read_done(path: Path) -> set[int]:
         return {int(line) for line in path.read_text().split()}
     except (OSError, ValueError):
         return set()
-
-
-def _prefetched(read: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[T, R]]:
-    """``(item, read(item))`` in order; the next item's read runs in a thread while the caller
-    works on the current one."""
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(read, items[0])
-        for position, item in enumerate(items):
-            result = future.result()
-            if position + 1 < len(items):
-                future = pool.submit(read, items[position + 1])
-            yield item, result
 
 
 class _Block(NamedTuple):
@@ -317,6 +383,51 @@ def _write(u: zarr.Array, block: _Block, u_block: np.ndarray) -> None:
     u[:, y0 : y0 + h, x0 : x0 + w] = u_block
 
 
+#: torch intra-op threads of every block: results depend on it (float reduction order), so it
+#: is the same whether blocks run in threads here or in processes on a cluster.
+BLOCK_TORCH_THREADS = 1
+
+
+class _BlockDone(NamedTuple):
+    """A finished block: its index in the level and what it did."""
+
+    index: int
+    report: LevelReport
+
+
+@dataclass
+class _BlockJob:
+    """One level's block task, sent to dask workers as data: the level (slides pickled as
+    paths, the network as its weights file) and the field it writes."""
+
+    level: _Level
+    field_path: str
+
+    def __call__(self, block: _Block) -> _BlockDone:
+        """read -> compute -> trim -> compose -> write one block (one torch thread)."""
+        if torch.get_num_threads() != BLOCK_TORCH_THREADS:
+            torch.set_num_threads(BLOCK_TORCH_THREADS)
+        level = self.level
+        report = LevelReport(level.index, level.downsample, level.shape, blocks=1)
+        reads = level.read(block)
+        report.read_s = reads.seconds
+        v = level.estimate(reads, report)
+        u = zarr.open_array(self.field_path, mode="r+")
+        _write(u, block, level.compose(_trim(v, block), block))
+        report.workers = {f"{_worker_name()} {level.device}": 1}
+        return _BlockDone(block.index, report)
+
+
+def _worker_name() -> str:
+    """The dask worker running this task, or ``"local"``."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return "local"
+
+
 @dataclass
 class _Level:
     """One pyramid level: the halo, read, compute and compose steps of its blocks."""
@@ -325,10 +436,25 @@ class _Level:
     downsample: float
     shape: tuple[int, int]
     settings: SchedulerSettings
-    net: UNet | None
+    network: tuple[str | None, int] | None
+    """The level's network: ``(weights file, model level)``, or ``None`` (none)."""
     device: str
     previous: Stage
     slides: SlidePair
+    net: UNet | None = None
+    """The network, when loaded (this process's model; a worker loads ``network``)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["net"] = None  # a worker loads the weights file once (_worker_model)
+        return state
+
+    def network_module(self) -> UNet | None:
+        """The level's network: the one given, else loaded from ``network`` on this worker."""
+        if self.net is None and self.network is not None and self.network[0] is not None:
+            weights, index = self.network
+            self.net = _worker_model(weights, self.device)[index]
+        return self.net
 
     def block(self, index: int, box: tuple[int, int, int, int]) -> _Block:
         """The block and its halo (the span of patch centres to read around it)."""
@@ -362,9 +488,10 @@ class _Level:
             report.skipped += 1
             return None
         v = None
-        if self.net is not None:
-            v = self._network(moving, fixed, report)
-        steps = self.settings.refine.steps_at(self.index, has_network=self.net is not None)
+        net = self.network_module()
+        if net is not None:
+            v = self._network(net, moving, fixed, report)
+        steps = self.settings.refine.steps_at(self.index, has_network=net is not None)
         if steps > 0:
             start = time.perf_counter()
             v = refine_field(moving, fixed, v, replace(self.settings.refine, steps=steps))
@@ -372,13 +499,12 @@ class _Level:
         return v
 
     def _network(
-        self, moving: torch.Tensor, fixed: torch.Tensor, report: LevelReport
+        self, net: UNet, moving: torch.Tensor, fixed: torch.Tensor, report: LevelReport
     ) -> torch.Tensor:
-        assert self.net is not None
         start = time.perf_counter()
         counts = PatchCounts()
         with torch.inference_mode():
-            v = register_level(self.net, moving, fixed, self.settings.inference, counts)
+            v = register_level(net, moving, fixed, self.settings.inference, counts)
         report.network_s += time.perf_counter() - start
         report.patches += counts.run
         report.background_patches += counts.skipped

@@ -46,7 +46,7 @@ from wsireg.core.coords import grid_to_level0_affine, to_level0
 from wsireg.core.stain import background_rgb
 from wsireg.engine.align import AlignConfig, align, similarity_on_grid
 from wsireg.engine.options import no_overrides_left, take_overrides
-from wsireg.engine.parallel import Execution, peak_rss_mib
+from wsireg.engine.parallel import Execution, local_cluster, peak_rss_mib
 from wsireg.engine.scheduler import FieldStore, LevelReport, SlidePair, estimate_field
 from wsireg.engine.transform import SlideRef, Stage, Transform, field_name
 from wsireg.engine.warp import WarpOptions, warp, warp_block
@@ -114,6 +114,7 @@ def register(
     overwrite: bool = False,
     resume: bool = False,
     strict: bool = False,
+    execution: Execution | None = None,
     **overrides: Any,
 ) -> Result:
     """Register ``source`` (moving) onto ``target`` (fixed) and write the outputs in ``out``.
@@ -127,6 +128,11 @@ def register(
     :data:`WARPED_OPTIONS` of :class:`wsireg.engine.warp.WarpOptions` say how the warped
     source is written: ``fmt="ome-zarr"`` (``warped.ome.zarr``, the default) of OME-NGFF
     ``ngff_version="0.4"`` or ``"0.5"``, or ``fmt="ome-tiff"`` (``warped.ome.tif``).
+    ``execution`` (:class:`~wsireg.engine.parallel.Execution`) says where the field's blocks
+    and the warp's chunks run: threads here (the default), a LocalCluster of ``workers``
+    processes started for the run, or the dask.distributed cluster at ``scheduler``
+    (``resources`` each task claims, e.g. ``{"GPU": 1}``); the result is the same, byte for
+    byte.
     """
     options = take_overrides(options or RegisterOptions(), overrides)
     warp_options = warped_options(options, overrides)
@@ -147,7 +153,8 @@ def register(
     staging = staged_output(
         out, overwrite, resume, fingerprint=fingerprint, inputs=(source, target)
     )
-    with staging as stage:
+    execution = execution or Execution(threads=options.threads)
+    with local_cluster(execution) as execution, staging as stage:
         work = stage / "work"
         work.mkdir(parents=True, exist_ok=True)
         slides = _slide_pair(source_shown, target_shown, work)
@@ -156,14 +163,16 @@ def register(
             alignment = _align(slides, work, resume)
         with timings.measure("nonrigid_s"):
             on_glass = alignment.slides_on_glass(slides)
-            transform, levels = _estimate(on_glass, alignment, settings, model, stage, resume)
+            transform, levels = _estimate(
+                on_glass, alignment, settings, model, stage, resume, execution
+            )
         with timings.measure("save_s"):
             transform.parameters = settings.transform_parameters()
             transform.write_document(stage / TRANSFORM)
         if settings.warp_level is not None:
             with timings.measure("warp_s"):
                 path = stage / warped_name(fmt)
-                _warp(transform, source_slide, path, warp_options, options.threads, resume)
+                _warp(stage / TRANSFORM, source_slide, path, warp_options, resume, execution)
         with timings.measure("qc_s"), stage_progress("quality control"):
             similarity, quality = _quality_control(
                 stage / QC, slides, alignment, transform, out / QC
@@ -456,8 +465,10 @@ def _estimate(
     model: MultiLevelModel | None,
     stage: Path,
     resume: bool,
+    execution: Execution,
 ) -> tuple[Transform, list[LevelReport]]:
-    """The nonrigid field, its finest level estimated straight into ``transform/``."""
+    """The nonrigid field, its finest level estimated straight into ``transform/``, its
+    blocks run where ``execution`` says."""
     store = FieldStore(stage / "work" / "fields", stage / TRANSFORM / field_name(0))
     with progress(None, "register", unit="block") as bar:
 
@@ -472,29 +483,24 @@ def _estimate(
             store,
             settings.scheduler,
             model=model,
+            weights=None if settings.weights is None else settings.weights["path"],
             device=settings.device,
             resume=resume,
+            execution=execution,
             on_block=on_block,
         )
 
 
 def _warp(
-    transform: Transform,
+    transform: Path,
     source: Slide,
     path: Path,
     options: WarpOptions,
-    threads: int | None,
     resume: bool,
+    execution: Execution,
 ) -> None:
-    warp(
-        transform,
-        source,
-        path,
-        options,
-        execution=Execution(threads=threads),
-        overwrite=True,
-        resume=resume,
-    )
+    """The warped source, its chunks where ``execution`` says (the saved ``transform``)."""
+    warp(transform, source, path, options, execution=execution, overwrite=True, resume=resume)
 
 
 def _quality_control(

@@ -71,7 +71,8 @@ class RegisterOptions:
     ``"float32"`` or ``"bfloat16"`` (:func:`wsireg.model.inference.network_dtype`).
     ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     ``warp_level``: target level of ``warped.ome.zarr``; ``write_warped=False`` skips it.
-    ``threads``: threads of the warp (default: the CPU count).
+    ``threads``: blocks of the field and chunks of the warp computed at once in this process
+    (default: the CPU count; ``register(..., execution=...)`` runs them elsewhere).
     ``source_channel`` / ``target_channel``: the channel each slide is registered on, a name
     or an index, or ``"haematoxylin"`` of a brightfield slide (default:
     :func:`wsireg.run.register.registration_channels`).
