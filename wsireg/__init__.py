@@ -30,6 +30,7 @@ _LAZY = {
     "evaluate": "wsireg.run.evaluate",
     "stack": "wsireg.run.stack",
     "merge": "wsireg.io.merge",
+    "Execution": "wsireg.engine.parallel",
     "WsiregError": "wsireg.errors",
     "SlideError": "wsireg.errors",
 }
