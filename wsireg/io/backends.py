@@ -446,7 +446,6 @@ class _ChannelTiffBackend(_TifffileBackend, _NamedAxesBackend):
                 interleaved_rgb=page.photometric in (2, 6) and self._channel_axis is not None,
             )
             self._series = series
-            self._tiles = TileCache()
         except Exception:
             self._tif.close()
             raise

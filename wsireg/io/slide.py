@@ -408,9 +408,7 @@ class _Shown:
             if choice is None or str(choice).casefold() == "rgb":
                 return None
             if str(choice).casefold() == HAEMATOXYLIN:
-                shown = _Shown(choice, HAEMATOXYLIN, None)
-                shown.window = intensity_window(haematoxylin_amount(_coarse_rgb(slide)))
-                return shown
+                return _Shown(choice, HAEMATOXYLIN, None)
             index = info.resolve(choice, str(slide.path))
             return _Shown(choice, info.names[index], index)
         if choice is not None and str(choice).casefold() in (HAEMATOXYLIN, "rgb"):
@@ -424,10 +422,17 @@ class _Shown:
             index = 0 if found is None else found
         else:
             index = info.resolve(choice, str(slide.path))
-        shown = _Shown(choice, info.names[index], index)
-        if info.kind == "fluorescence":
-            shown.window = intensity_window(_coarse_sample(slide, index))
-        return shown
+        return _Shown(choice, info.names[index], index)
+
+    def amount_window(self, slide: Slide) -> tuple[float, float]:
+        """The window of the shown amount (:func:`~wsireg.core.shown.intensity_window` of
+        the coarsest level's centre), measured on the first render and kept."""
+        if self.window is None:
+            if self.index is None:
+                self.window = intensity_window(haematoxylin_amount(_coarse_rgb(slide)))
+            else:
+                self.window = intensity_window(_coarse_sample(slide, self.index))
+        return self.window
 
     def render(self, slide: Slide, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
         """``(h, w, 3)`` uint8 grey brightfield of ``box = (y0, x0, h, w)`` of ``level``."""
@@ -436,14 +441,13 @@ class _Shown:
         if info.kind == "brightfield":
             rgb = slide._region(level, box, 3, np.dtype(np.uint8), 255, None)
             if self.index is None:
-                assert self.window is not None
-                return brightfield_grey(amount_in_window(haematoxylin_amount(rgb), self.window))
+                window = self.amount_window(slide)
+                return brightfield_grey(amount_in_window(haematoxylin_amount(rgb), window))
             return np.repeat(rgb[..., self.index : self.index + 1], 3, axis=-1)
         values = slide.read_channels(level, y0, x0, h, w, [self.index])[..., 0]
         if info.kind == "labels":
             return brightfield_grey(label_amount(values))
-        assert self.window is not None
-        return brightfield_grey(amount_in_window(values, self.window))
+        return brightfield_grey(amount_in_window(values, self.amount_window(slide)))
 
 
 def _coarse_rgb(slide: Slide) -> np.ndarray:
