@@ -25,6 +25,7 @@ checked by :func:`check_level`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
@@ -277,7 +278,12 @@ class Slide:
         """``level`` as stored, a lazy dask array ``(H, W, c)`` (:meth:`read_channels`)."""
         check_level(self.path, level, self.level_count)
         side = self.chunk_side(level)
-        adapter = _LevelArray(self, level, channels)
+        count = self.channels.count if channels is None else len(channels)
+        adapter = _LevelArray(
+            (*self.level_shape(level), count),
+            self.channels.dtype,
+            functools.partial(self.read_channels, level, channels=channels),
+        )
         return da.from_array(
             adapter,
             chunks=(side, side, adapter.shape[2]),
@@ -291,7 +297,9 @@ class Slide:
         """``level`` as a lazy dask array ``(H, W, 3)`` uint8, chunked along native tiles."""
         check_level(self.path, level, self.level_count)
         side = self.chunk_side(level)
-        adapter = _LevelArray(self, level)
+        adapter = _LevelArray(
+            (*self.level_shape(level), 3), np.dtype(np.uint8), functools.partial(self.read, level)
+        )
         return da.from_array(
             adapter,
             chunks=(side, side, 3),
@@ -361,33 +369,21 @@ class Slide:
 
 
 class _LevelArray:
-    """Array-like view of one level for ``dask.array.from_array``: RGB (:meth:`Slide.read`),
-    or the samples as stored when ``channels`` is given (:meth:`Slide.read_channels`)."""
+    """Array-like view of one level for ``dask.array.from_array``: ``read(y0, x0, h, w)``
+    gives its ``(h, w, C)`` pixels (a bound method of the slide: it pickles as the slide's
+    path)."""
 
     def __init__(
-        self, slide: Slide, level: int, channels: Sequence[int] | None | bool = False
+        self, shape: tuple[int, int, int], dtype: np.dtype, read: Callable[..., np.ndarray]
     ) -> None:
-        self.slide, self.level_index = slide, level
-        self.native = channels is not False
-        self.channels = None if channels is False else channels
-        if self.native:
-            count = slide.channels.count if self.channels is None else len(self.channels)
-            self.dtype = slide.channels.dtype
-        else:
-            count, self.dtype = 3, np.dtype(np.uint8)
-        self.shape = (*slide.level_shape(level), count)
+        self.shape, self.dtype, self.read = shape, np.dtype(dtype), read
         self.ndim = 3
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         ys, xs = key[0], key[1]
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
-        if self.native:
-            block = self.slide.read_channels(
-                self.level_index, y0, x0, y1 - y0, x1 - x0, self.channels
-            )
-        else:
-            block = self.slide.read(self.level_index, y0, x0, y1 - y0, x1 - x0)
+        block = self.read(y0, x0, y1 - y0, x1 - x0)
         return block[(slice(None), slice(None), *key[2:])] if len(key) > 2 else block
 
 

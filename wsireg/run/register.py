@@ -9,7 +9,8 @@ slide and writes, in the directory ``out``::
     qc/                 target.png, checkerboard-*.png and overlay-*.png before / affine / final
     report.json         inputs, outputs, parameters, timings per stage, peak RSS, device, the
                         similarity before / after the affine / final (:func:`similarity_report`),
-                        the pyramid steps of the estimation (:func:`pyramid_report`)
+                        the pyramid steps of the estimation (:func:`pyramid_report`), where
+                        the blocks ran (``execution``; per step the blocks of each worker)
 
 Stages (:func:`register`, one call each): the options are checked against the slides and
 resolved (:mod:`wsireg.run.settings`); (1) thumbnails at equal physical resolution (mpp) and
@@ -154,6 +155,7 @@ def register(
         out, overwrite, resume, fingerprint=fingerprint, inputs=(source, target)
     )
     execution = execution or Execution(threads=options.threads)
+    requested = execution.to_json()
     with local_cluster(execution) as execution, staging as stage:
         work = stage / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,7 @@ def register(
         report = _report(source_shown, target_shown, settings, alignment, levels, similarity)
         report["outputs"] = output_paths(out, fmt if settings.warp_level is not None else None)
         report["quality"] = quality
+        report["execution"] = requested
         if strict and not report["quality"]["plausible"]:
             raise QualityError(out, quality_warning(report["quality"]))
         report["timings_s"] = timings.rounded()
