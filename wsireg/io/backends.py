@@ -616,10 +616,9 @@ def _open_or_fail(path: Path, opener: Callable[[Path], Backend], problem: str) -
 def _open_tiled(path: Path, suffix: str) -> Backend:
     failures: list[str] = []
     openslide_backend = _try(_OpenSlideBackend, path, "OpenSlide", failures)
-    tiff_backend = (
-        _try(_TiffBackend, path, "tifffile", failures) if _looks_like_tiff(path) else None
-    )
-    if tiff_backend is None and _looks_like_tiff(path):
+    is_tiff = _looks_like_tiff(path)
+    tiff_backend = _try(_TiffBackend, path, "tifffile", failures) if is_tiff else None
+    if tiff_backend is None and is_tiff:
         channel_backend = _try(_ChannelTiffBackend, path, "tifffile", failures)
         if channel_backend is not None and channel_backend.channels.kind != "brightfield":
             if openslide_backend is not None:

@@ -72,7 +72,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU
-    with AVX512-BF16 or AMX instructions (elsewhere bfloat16 is emulated, slower than float32)."""
+    with AVX512-BF16 or AMX instructions (elsewhere bfloat16 is emulated in software)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":

@@ -282,8 +282,8 @@ class MultiLevelModel(nn.Module):
         cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True
     ) -> MultiLevelModel:
         """Load a model written by :meth:`save`, in eval mode on ``device``, its weights held
-        channels-last (NHWC): the same numbers (to float rounding) through faster convolution
-        kernels (``benchmarks/network_speed.py``).
+        channels-last (NHWC): the same numbers (to float rounding) through the NHWC convolution
+        kernels (``benchmarks/network_speed.py`` compares the layouts).
 
         With ``verify`` (default) the file's sha256 must match its sidecar; a missing sidecar,
         a mismatch, or a file that is not a wsireg model raise :class:`WeightsError`. Never

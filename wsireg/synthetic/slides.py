@@ -8,6 +8,7 @@ haematoxylin of an H&E shows."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.array as da
@@ -17,7 +18,7 @@ from dask.base import tokenize
 from wsireg.io.channels import fluorescence
 from wsireg.io.tiff import DEFAULT_TIFF_LAYOUT, TiffLayout, write_ome_tiff
 from wsireg.synthetic.deformation import PointMap, SmoothDeformation
-from wsireg.synthetic.texture import Stain, get_stain, get_texture
+from wsireg.synthetic.texture import Stain, TissueTexture, get_stain, get_texture
 
 #: What a render task needs to find its texture: ``(seed, extent (H, W), texture_downsample)``.
 TextureKey = tuple[int, tuple[int, int], float]
@@ -27,16 +28,62 @@ TextureKey = tuple[int, tuple[int, int], float]
 # --------------------------------------------------------------------------------------------
 
 
-def _render_chunk(
+def _render_block(
     block_info: dict | None = None,
     *,
+    render: Callable[..., np.ndarray],
     texture: TextureKey,
+    **params: object,
+) -> np.ndarray:
+    """One chunk: ``render(texture, y0, x0, h, w, **params)`` at the chunk's position."""
+    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+    return render(get_texture(*texture), y0, x0, y1 - y0, x1 - x0, **params)
+
+
+def _texture_array(
+    render: Callable[..., np.ndarray],
+    shape: tuple[int, int],
+    texture: TextureKey,
+    samples: tuple[int, np.dtype],
+    chunk: int,
+    **params: object,
+) -> da.Array:
+    """A lazy ``(H, W, count)`` array of ``dtype`` (``samples``) of level-0 ``shape``, each
+    chunk rendered from ``texture`` by :func:`_render_block`."""
+    h, w = int(shape[0]), int(shape[1])
+    count, dtype = samples
+    name = f"synthetic-{render.__name__}-" + tokenize(texture, params, h, w, chunk, count)
+    return da.map_blocks(
+        _render_block,
+        dtype=dtype,
+        chunks=(_split(h, chunk), _split(w, chunk), (count,)),
+        meta=np.empty((0, 0, 0), dtype),
+        name=name,
+        render=render,
+        texture=texture,
+        **params,
+    )
+
+
+def _texture_key(
+    shape: tuple[int, int], seed: int, extent: tuple[int, int] | None, texture_downsample: float
+) -> TextureKey:
+    """The texture of ``seed`` laid out in ``extent`` (default ``shape``)."""
+    ext = (int(shape[0]), int(shape[1])) if extent is None else (int(extent[0]), int(extent[1]))
+    return (int(seed), ext, float(texture_downsample))
+
+
+def _stained(
+    tex: TissueTexture,
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,
+    *,
     stain: Stain,
     deformation: PointMap | None,
 ) -> np.ndarray:
-    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-    tex = get_texture(*texture)
-    return tex.render(y0, x0, y1 - y0, x1 - x0, stain, deformation)
+    return tex.render(y0, x0, h, w, stain, deformation)
 
 
 def synthetic_slide(
@@ -58,20 +105,14 @@ def synthetic_slide(
     (attribute, default 8) and interpolated bilinearly. Pixels do not depend on ``chunk``
     (multiples of 512 are fastest).
     """
-    h, w = int(shape[0]), int(shape[1])
-    ext = (h, w) if extent is None else (int(extent[0]), int(extent[1]))
-    key = (int(seed), ext, float(texture_downsample))
-    st = get_stain(stain)
-    chunks = (_split(h, chunk), _split(w, chunk), (3,))
-    name = "synthetic-slide-" + tokenize(key, st, deformation, h, w, chunk)
-    return da.map_blocks(
-        _render_chunk,
-        dtype=np.uint8,
-        chunks=chunks,
-        meta=np.empty((0, 0, 0), np.uint8),
-        name=name,
-        texture=key,
-        stain=st,
+    key = _texture_key(shape, seed, extent, texture_downsample)
+    return _texture_array(
+        _stained,
+        shape,
+        key,
+        (3, np.dtype(np.uint8)),
+        chunk,
+        stain=get_stain(stain),
         deformation=deformation,
     )
 
@@ -212,15 +253,17 @@ def panel_weights(names: tuple[str, ...]) -> tuple[tuple[float, float, float, fl
     return tuple(weights)
 
 
-def _render_fluorescence_chunk(
-    block_info: dict | None = None,
+def _fluorescent(
+    tex: TissueTexture,
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,
     *,
-    texture: TextureKey,
     weights: tuple[tuple[float, float, float, float], ...],
     deformation: PointMap | None,
 ) -> np.ndarray:
-    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-    structure = get_texture(*texture).structure(y0, x0, y1 - y0, x1 - x0, deformation)
+    structure = tex.structure(y0, x0, h, w, deformation)
     mix = np.asarray(weights, dtype=np.float32)  # (C, 4)
     amount = structure[..., :3] @ mix[:, :3].T + mix[:, 3]
     amount *= structure[..., 3:4]
@@ -242,20 +285,13 @@ def synthetic_fluorescence(
     :func:`synthetic_slide` with the same ``seed``, ``extent`` and ``texture_downsample``
     (and ``deformation``, as there). Channel ``c`` is ``OFFSET + GAIN * clip(w_c . s, 0, 1)``
     for the structure maps ``s`` and the weights of its name (:func:`panel_weights`)."""
-    h, w = int(shape[0]), int(shape[1])
-    ext = (h, w) if extent is None else (int(extent[0]), int(extent[1]))
-    key = (int(seed), ext, float(texture_downsample))
-    weights = panel_weights(tuple(channels))
-    chunks = (_split(h, chunk), _split(w, chunk), (len(channels),))
-    name = "synthetic-fluorescence-" + tokenize(key, weights, deformation, h, w, chunk)
-    return da.map_blocks(
-        _render_fluorescence_chunk,
-        dtype=np.uint16,
-        chunks=chunks,
-        meta=np.empty((0, 0, 0), np.uint16),
-        name=name,
-        texture=key,
-        weights=weights,
+    return _texture_array(
+        _fluorescent,
+        shape,
+        _texture_key(shape, seed, extent, texture_downsample),
+        (len(channels), np.dtype(np.uint16)),
+        chunk,
+        weights=panel_weights(tuple(channels)),
         deformation=deformation,
     )
 
